@@ -7,6 +7,13 @@ for runnable clients and servers.
 
 from __future__ import annotations
 
+from .backoff import (
+    Backoff,
+    RetryDecision,
+    backoff_delays,
+    classify_close,
+    classify_handshake_status,
+)
 from .codec import FrameFactory, decode_frame, encode_frame
 from .errors import FrameError, InvalidState, LocalProtocolError, RemoteProtocolError, SvanticError
 from .frames import (
@@ -29,11 +36,36 @@ from .frames import (
     Welcome,
 )
 from .ids import IdFactory, TimestampError, format_rfc3339, parse_rfc3339
+from .trace import (
+    Baggage,
+    SessionTraceContext,
+    TraceContextError,
+    TraceParent,
+    format_baggage,
+    format_traceparent,
+    parse_baggage,
+    parse_traceparent,
+    trace_context_from_headers,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FRAME_TYPES",
+    "Backoff",
+    "Baggage",
+    "RetryDecision",
+    "SessionTraceContext",
+    "TraceContextError",
+    "TraceParent",
+    "backoff_delays",
+    "classify_close",
+    "classify_handshake_status",
+    "format_baggage",
+    "format_traceparent",
+    "parse_baggage",
+    "parse_traceparent",
+    "trace_context_from_headers",
     "Cancel",
     "CloseRequest",
     "Dispatch",

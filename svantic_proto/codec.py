@@ -32,10 +32,7 @@ from .frames import (
 )
 from .ids import IdFactory, is_canonical_uuid
 
-__all__ = ["decode_frame", "encode_frame", "FrameFactory", "MAX_NESTING"]
-
-MAX_NESTING = 256
-"""Deeper JSON is refused as BAD_FRAME (msgspec itself would hit RecursionError near 1000)."""
+__all__ = ["decode_frame", "encode_frame", "FrameFactory"]
 
 _decode = msgspec.json.Decoder(Frame).decode
 _encode = msgspec.json.Encoder().encode
@@ -108,30 +105,6 @@ def encode_frame(frame: Frame) -> bytes:
         raise LocalProtocolError(f"cannot encode {type(frame).__name__}: {exc}") from None
 
 
-def _nesting_depth_exceeds(text: str, limit: int) -> bool:
-    """Cheap bracket count outside strings; only run on the failure path."""
-    depth = 0
-    in_string = False
-    escaped = False
-    for ch in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "[{":
-            depth += 1
-            if depth > limit:
-                return True
-        elif ch in "]}":
-            depth -= 1
-    return False
-
-
 def _friendly(message: str) -> str:
     for pattern, name in _PATTERN_NAMES.items():
         message = message.replace(f"`str` matching regex {pattern!r}", name)
@@ -151,8 +124,8 @@ def _explain(data: bytes | str, exc: BaseException | None) -> FrameError:
             text.encode()
         except UnicodeEncodeError:
             return FrameError("text contains a lone surrogate (not valid UTF-8)", close_code=1007)
-    if isinstance(exc, RecursionError) or _nesting_depth_exceeds(text, MAX_NESTING):
-        return FrameError(f"JSON nested deeper than {MAX_NESTING} levels")
+    if isinstance(exc, RecursionError):
+        return FrameError("JSON nested too deeply (msgspec's limit is about 1000 levels)")
     try:
         envelope = _envelope_decoder.decode(text)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as err:
