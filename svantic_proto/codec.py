@@ -40,10 +40,15 @@ _any_decoder = msgspec.json.Decoder()
 
 # One compiled regex over the concatenated envelope strings: a single `re` call per frame is
 # the cheapest strict check Python offers (see frames.py for why msgspec patterns are not used).
-_U = UUID_PATTERN.strip("^$")
-_T = TIMESTAMP_PATTERN.strip("^$")
+def _bare(pattern: str) -> str:
+    return pattern.removeprefix("^").removesuffix("\\Z")
+
+
+_U, _T = _bare(UUID_PATTERN), _bare(TIMESTAMP_PATTERN)
+_X32, _X16 = _bare(TRACE_ID_PATTERN), _bare(SPAN_ID_PATTERN)
 _valid_id_ts = re.compile(f"{_U}{_T}", re.ASCII).fullmatch
 _valid_id_ts_reply = re.compile(f"{_U}{_T}{_U}", re.ASCII).fullmatch
+_valid_envelope = re.compile(f"{_U}{_T}(?:{_U})?/(?:{_X32})?/(?:{_X16})?", re.ASCII).fullmatch
 
 _PATTERN_NAMES = {
     UUID_PATTERN: "a canonical lowercase UUID",
@@ -84,7 +89,11 @@ def decode_frame(data: bytes | str) -> Frame:
     except TypeError as exc:
         raise FrameError(f"a frame is text or bytes, not {type(data).__name__}") from exc
     reply_to: str | None = frame.in_reply_to  # type: ignore[union-attr]  # None where unused
-    if reply_to is None:
+    if frame.trace_id is not None or frame.parent_span_id is not None:
+        valid = _valid_envelope(
+            f"{frame.id}{frame.ts}{reply_to or ''}/{frame.trace_id or ''}/{frame.parent_span_id or ''}"
+        )
+    elif reply_to is None:
         valid = _valid_id_ts(frame.id + frame.ts)
     else:
         valid = _valid_id_ts_reply(frame.id + frame.ts + reply_to)

@@ -67,23 +67,25 @@ __all__ = [
     "REPLY_TYPES",
 ]
 
-UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+# `\Z`, not `$`: msgspec uses `re.search`, where `$` also matches before a final newline.
+# `[0-9]`, not `\d`: `\d` matches every Unicode digit.
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z"
 TIMESTAMP_PATTERN = (
-    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)"
-    r"(\.\d+)?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)$"
+    r"^[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:"
+    r"(?:[0-5][0-9]|60)(?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])\Z"
 )
-TRACE_ID_PATTERN = "^[0-9a-f]{32}$"
-SPAN_ID_PATTERN = "^[0-9a-f]{16}$"
+TRACE_ID_PATTERN = r"^[0-9a-f]{32}\Z"
+SPAN_ID_PATTERN = r"^[0-9a-f]{16}\Z"
 
 # Regex checks inside msgspec cost ~0.3 µs each, more than a whole small frame's parse, so
-# the envelope's own strings (id, ts, in_reply_to) carry only length bounds here and are
-# checked together by one compiled regex in `codec.decode_frame`. Payload UUIDs keep the
+# the envelope's own strings (id, ts, in_reply_to, trace ids) carry only length bounds here
+# and are checked together by one compiled regex in `codec.decode_frame`. Payload UUIDs keep the
 # pattern (they are rarer), except `dispatch_id`, which must equal the checked `id`.
 Uuid = Annotated[str, Meta(pattern=UUID_PATTERN, description="canonical lowercase UUID")]
 EnvelopeUuid = Annotated[str, Meta(min_length=36, max_length=36)]
 Timestamp = Annotated[str, Meta(min_length=20, max_length=64)]
-TraceId = Annotated[str, Meta(pattern=TRACE_ID_PATTERN, description="32 lowercase hex chars")]
-SpanId = Annotated[str, Meta(pattern=SPAN_ID_PATTERN, description="16 lowercase hex chars")]
+TraceId = Annotated[str, Meta(min_length=32, max_length=32)]
+SpanId = Annotated[str, Meta(min_length=16, max_length=16)]
 NonEmptyStr = Annotated[str, Meta(min_length=1)]
 Count = Annotated[int, Meta(ge=0)]
 PositiveInt = Annotated[int, Meta(gt=0)]
