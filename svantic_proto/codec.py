@@ -90,9 +90,8 @@ def decode_frame(data: bytes | str) -> Frame:
         raise FrameError(f"a frame is text or bytes, not {type(data).__name__}") from exc
     reply_to: str | None = frame.in_reply_to  # type: ignore[union-attr]  # None where unused
     if frame.trace_id is not None or frame.parent_span_id is not None:
-        valid = _valid_envelope(
-            f"{frame.id}{frame.ts}{reply_to or ''}/{frame.trace_id or ''}/{frame.parent_span_id or ''}"
-        )
+        trace, span = frame.trace_id or "", frame.parent_span_id or ""
+        valid = _valid_envelope(f"{frame.id}{frame.ts}{reply_to or ''}/{trace}/{span}")
     elif reply_to is None:
         valid = _valid_id_ts(frame.id + frame.ts)
     else:

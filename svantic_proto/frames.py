@@ -133,10 +133,12 @@ class SessionContext(_Payload, frozen=True):
 
 
 class SvanticJwtAuth(_Payload, tag_field="type", tag="svantic_jwt", frozen=True):
+    type: ClassVar[str] = "svantic_jwt"
     token: str
 
 
 class SharedSecretAuth(_Payload, tag_field="type", tag="shared_secret", frozen=True):
+    type: ClassVar[str] = "shared_secret"
     secret: str
 
     def __repr__(self) -> str:  # never print a secret into a log
@@ -145,6 +147,8 @@ class SharedSecretAuth(_Payload, tag_field="type", tag="shared_secret", frozen=T
 
 class MtlsAuth(_Payload, tag_field="type", tag="mtls", frozen=True):
     """Reserved (spec section 7): parses, so the agent can answer DISPATCH_AUTH_FAILED."""
+
+    type: ClassVar[str] = "mtls"
 
 
 DispatchAuth = SvanticJwtAuth | SharedSecretAuth | MtlsAuth

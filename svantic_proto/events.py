@@ -1,0 +1,213 @@
+"""Events the connection state machines report to the application.
+
+These are separate from the wire schema on purpose: an event says what
+happened (a dispatch completed, the peer went away), already correlated and
+checked, so applications never look at raw frames or envelopes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backoff import RetryDecision
+from .errors import SvanticError
+from .frames import SessionContext
+from .handshake import UpgradeRequested
+from .trace import SessionTraceContext
+
+__all__ = [
+    "Event",
+    "UpgradeRequest",
+    "SessionStarted",
+    "DispatchReceived",
+    "DispatchCancelled",
+    "DispatchAcked",
+    "ChunkReceived",
+    "DispatchCompleted",
+    "DispatchFailed",
+    "DispatchTimedOut",
+    "ToolCallReceived",
+    "ToolResultReceived",
+    "HeartbeatReceived",
+    "ErrorReceived",
+    "CloseRequested",
+    "TokenRefreshed",
+    "ExtensionUnsupported",
+    "ConnectionClosed",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base class of every event."""
+
+
+@dataclass(frozen=True, slots=True)
+class UpgradeRequest(Event):
+    """Mesh: an agent asks to connect; answer with `accept(...)` or `reject(...)` (spec 1).
+
+    Run `handshake.check_upgrade(event.request, ...)` to apply the spec's checks in order.
+    """
+
+    request: UpgradeRequested
+
+
+@dataclass(frozen=True, slots=True)
+class SessionStarted(Event):
+    """Both sides: hello/welcome done, the connection is ready (spec 1, 5)."""
+
+    instance_id: str
+    connection_id: str
+    resumed: bool
+    replayed_dispatches: tuple[str, ...]
+    heartbeat_interval: float
+    agent_type: str | None = None
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchReceived(Event):
+    """Agent: run this capability. Auth is already verified and re-deliveries filtered."""
+
+    dispatch_id: str
+    capability: str
+    arguments: Mapping[str, Any]
+    deadline_ms: int
+    attempt: int
+    task_id: str | None
+    session_context: SessionContext | None
+    trace: SessionTraceContext
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchCancelled(Event):
+    """Agent: stop the handler; the mesh gave up (cancel frame) or the deadline passed."""
+
+    dispatch_id: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchAcked(Event):
+    dispatch_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkReceived(Event):
+    """Mesh: a streamed chunk, in `seq` order, duplicates already dropped (spec 3)."""
+
+    dispatch_id: str
+    seq: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchCompleted(Event):
+    """Mesh: the first terminal frame of a dispatch was a result."""
+
+    dispatch_id: str
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchFailed(Event):
+    """Mesh: the dispatch failed: the agent's error, or the mesh's own code.
+
+    Codes from the mesh itself: `AGENT_DISCONNECTED` (not resumed, spec 5) and
+    `AGENT_UNHEALTHY` (no dispatch-auth envelope could be minted, spec 7).
+    """
+
+    dispatch_id: str
+    code: str
+    message: str | None = None
+    detail: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchTimedOut(Event):
+    """Mesh: no terminal frame by the deadline; a `cancel` was sent (spec 3)."""
+
+    dispatch_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallReceived(Event):
+    """Mesh: an agent calls another agent's capability; answer with `send_tool_result`."""
+
+    call_id: str
+    tool: str
+    arguments: Mapping[str, Any]
+    deadline_ms: int | None
+    agent_type: str | None
+    instance_id: str | None
+    session_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResultReceived(Event):
+    """Agent: the answer to one of its tool calls: `error` is None on success."""
+
+    call_id: str
+    result: Any = None
+    error: Mapping[str, str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReceived(Event):
+    status: str | None
+    active_sessions: int
+    max_concurrent_sessions: int | None
+    in_flight: int | None
+    load: float | None
+    health: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReceived(Event):
+    """An `error` frame that is not a dispatch's terminal failure (spec 3)."""
+
+    code: str
+    message: str | None
+    detail: Mapping[str, Any] | None
+    in_reply_to: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CloseRequested(Event):
+    """The peer asked to close: no new dispatches; it closes with 1000 when drained."""
+
+    grace_seconds: int
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRefreshed(Event):
+    """Mesh: a `token_refresh` verified; the transport token now expires later."""
+
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionUnsupported(Event):
+    """The peer answered an extension frame with BAD_FRAME; we stopped sending it (spec 3)."""
+
+    frame_type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionClosed(Event):
+    """The last event of a connection.
+
+    `code` is the WebSocket close code (None: the transport ended without a
+    close frame, or the handshake failed). `retry` is what the client should do
+    next (spec 5); the mesh side always reports FINAL. `error` keeps the cause.
+    """
+
+    code: int | None
+    reason: str
+    by_peer: bool
+    retry: RetryDecision
+    error: SvanticError | None = None
+    in_flight: tuple[str, ...] = field(default=())

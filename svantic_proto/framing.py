@@ -1,0 +1,441 @@
+"""WebSocket framing after the handshake (spec sections 2 and 4), sans-IO.
+
+This is the only module that imports wsproto, so the framing backend can be
+swapped without touching the connection state machines above it. wsproto parses
+and serialises frames; `Framing` adds what wsproto leaves to its caller and the
+spec requires: message reassembly with a size cap (1 MiB) and a fragment cap
+(1024) checked *while* bytes arrive, automatic pongs, the close echo, and one
+failure path that queues the right close code (1002, 1007, 1009) and reports it.
+permessage-deflate is never used (section 4: it inflates without bound).
+
+Usage: feed `receive_data(bytes)` (or `None` at EOF), act on the returned
+events, then write `data_to_send()` to the transport.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeAlias
+
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
+from wsproto.utilities import LocalProtocolError as _WsprotoLocalProtocolError
+
+from .errors import LocalProtocolError
+
+__all__ = [
+    "DEFAULT_MAX_FRAGMENTS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "BinaryReceived",
+    "CloseReceived",
+    "Framing",
+    "FramingEvent",
+    "FramingFailed",
+    "FramingState",
+    "PingReceived",
+    "PongReceived",
+    "TextReceived",
+    "TransportClosed",
+]
+
+DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
+"""Section 4: a message is at most 1 MiB, else close 1009."""
+
+DEFAULT_MAX_FRAGMENTS = 1024
+"""Section 4: a message is at most 1024 frames, else close 1009 (each frame costs ~8 us)."""
+
+# Larger inputs are handed to wsproto in slices of this size, so a failure (1009,
+# 1007, 1002) stops the work after at most one slice instead of decoding
+# everything a careless adapter passed in one call.
+_FEED_SLICE_BYTES = 1 << 16
+
+# RFC 6455 section 7.4.1: "no status code was present" is reported as 1005.
+_NO_STATUS_RECEIVED = 1005
+_PROTOCOL_ERROR = 1002
+_MESSAGE_TOO_BIG = 1009
+# RFC 6455 7.4: codes a peer accepts on the wire below 3000 (1004-1006 and 1015
+# are reserved or local-only; wsproto peers also refuse the unregistered 1014).
+_SENDABLE_CLOSE_CODES = frozenset(
+    (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013)
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TextReceived:
+    """A whole text message, reassembled from its fragments and valid UTF-8."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class BinaryReceived:
+    """A whole binary message arrived; only its size is kept.
+
+    svantic.v1 frames are text only (section 2): the caller answers with
+    `send_close(1003)`. The payload is never buffered.
+    """
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class PingReceived:
+    """A WebSocket ping; the pong is already queued (unless we had sent a close)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PongReceived:
+    """A WebSocket pong: proof of life for the dead-peer timer (section 4)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CloseReceived:
+    """The peer's close frame; `code` is None when the frame carried no code (1005).
+
+    If we had not sent a close, the echo is already queued; if we had, this
+    completes the closing handshake. Either way the caller then closes the transport
+    once `data_to_send()` is flushed.
+    """
+
+    code: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class FramingFailed:
+    """The peer broke the WebSocket rules; a close with `close_code` is already queued.
+
+    1002 protocol error (bad frame, unmasked client frame, ...), 1007 invalid
+    UTF-8, 1009 message over the size or fragment limit (sections 2 and 4).
+    """
+
+    close_code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransportClosed:
+    """The transport reached EOF (`receive_data(None)`): an abnormal end (1006)
+    unless a close was exchanged first."""
+
+
+FramingEvent: TypeAlias = (
+    TextReceived
+    | BinaryReceived
+    | PingReceived
+    | PongReceived
+    | CloseReceived
+    | FramingFailed
+    | TransportClosed
+)
+
+
+class FramingState(enum.Enum):
+    """Where the WebSocket closing handshake is (RFC 6455 section 7)."""
+
+    OPEN = "open"
+    """Messages flow both ways."""
+    CLOSING = "closing"
+    """We sent a close and wait for the peer's; received messages are still reported."""
+    CLOSED = "closed"
+    """Closes exchanged, a failure queued its close, or EOF: flush and drop the transport."""
+
+
+_TRANSPORT_CLOSED = TransportClosed()
+
+
+class Framing:
+    """One side of a WebSocket connection after the HTTP upgrade (sections 2 and 4).
+
+    `receive_data()` never raises on peer input: a violation becomes a
+    `FramingFailed` event and a queued close. After a failure, a completed close
+    or EOF, further input is ignored. Whatever a method queues (messages, pongs,
+    close frames) is collected by `data_to_send()`.
+    """
+
+    __slots__ = (
+        "_close_received",
+        "_closed_sent",
+        "_connection",
+        "_done",
+        "_fragment_open",
+        "_fragments",
+        "_handlers",
+        "_max_fragments",
+        "_max_message_bytes",
+        "_message_bytes",
+        "_outgoing",
+        "_text_parts",
+    )
+
+    def __init__(
+        self,
+        client: bool,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_fragments: int = DEFAULT_MAX_FRAGMENTS,
+    ) -> None:
+        if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
+            raise LocalProtocolError("max_message_bytes must be an int")
+        if isinstance(max_fragments, bool) or not isinstance(max_fragments, int):
+            raise LocalProtocolError("max_fragments must be an int")
+        if max_message_bytes < 1 or max_fragments < 1:
+            raise LocalProtocolError("max_message_bytes and max_fragments must be >= 1")
+        self._connection = Connection(
+            ConnectionType.CLIENT if client else ConnectionType.SERVER, extensions=[]
+        )
+        self._max_message_bytes = max_message_bytes
+        self._max_fragments = max_fragments
+        self._outgoing: list[bytes] = []
+        # Reassembly of the message in progress: `_fragments` counts frames started,
+        # `_fragment_open` says the last event ended inside a frame (wsproto streams
+        # partial frames), `_message_bytes` is the running size in bytes.
+        self._text_parts: list[str] = []
+        self._fragments = 0
+        self._fragment_open = False
+        self._message_bytes = 0
+        self._closed_sent = False
+        self._close_received = False
+        self._done = False
+        # Type dispatch for the rarer events; text has an inlined fast path.
+        self._handlers: dict[type[Event], Callable[[Any, list[FramingEvent]], None]] = {
+            BytesMessage: self._on_binary,
+            Ping: self._on_ping,
+            Pong: self._on_pong,
+            CloseConnection: self._on_close,
+        }
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def closed_sent(self) -> bool:
+        """True once a close frame is queued by us (echo and failures included)."""
+        return self._closed_sent
+
+    @property
+    def close_received(self) -> bool:
+        """True once the peer's close frame arrived."""
+        return self._close_received
+
+    @property
+    def state(self) -> FramingState:
+        """OPEN, CLOSING (our close sent, theirs awaited) or CLOSED."""
+        if self._done:
+            return FramingState.CLOSED
+        if self._closed_sent:
+            return FramingState.CLOSING
+        return FramingState.OPEN
+
+    # -- sending -----------------------------------------------------------
+
+    def send_text(self, text: str) -> None:
+        """Queue one text message (section 2: every frame is one text message).
+
+        Raises `LocalProtocolError` once a close was sent or the transport ended.
+        Then call `data_to_send()`.
+        """
+        if self._closed_sent or self._done:
+            raise LocalProtocolError("cannot send a message after the WebSocket close")
+        try:
+            self._outgoing.append(self._connection.send(TextMessage(data=text)))
+        except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 form
+            raise LocalProtocolError(f"text is not encodable as UTF-8: {exc}") from exc
+
+    def send_ping(self, payload: bytes = b"") -> None:
+        """Queue a WebSocket ping (section 4 liveness); at most 125 bytes.
+
+        Raises `LocalProtocolError` once a close was sent or the transport ended.
+        Then call `data_to_send()`.
+        """
+        if self._closed_sent or self._done:
+            raise LocalProtocolError("cannot send a ping after the WebSocket close")
+        if len(payload) > 125:
+            raise LocalProtocolError("a ping payload is at most 125 bytes (RFC 6455 5.5)")
+        self._outgoing.append(self._connection.send(Ping(payload=payload)))
+
+    def send_close(self, code: int, reason: str = "") -> None:
+        """Queue our close frame with `code` (section 4 lists the codes we use).
+
+        Idempotent: once a close was queued (ours, an echo, or a failure's) or the
+        transport ended, this does nothing, so shutdown paths need not race the
+        receive path. The reason is cut to fit the 125-byte control frame. Then
+        call `data_to_send()` and, once the peer's close arrives (`CloseReceived`)
+        or a timeout passes, close the transport.
+        """
+        if isinstance(code, bool) or not isinstance(code, int):
+            raise LocalProtocolError("close code must be an int")
+        if code not in _SENDABLE_CLOSE_CODES and not 3000 <= code <= 4999:
+            raise LocalProtocolError(f"close code {code} cannot be sent (RFC 6455 7.4)")
+        if self._closed_sent or self._done:
+            return
+        self._queue_close(code, reason)
+
+    def data_to_send(self) -> bytes:
+        """Return and clear the bytes queued for the transport (b"" when none)."""
+        outgoing = self._outgoing
+        if not outgoing:
+            return b""
+        data = outgoing[0] if len(outgoing) == 1 else b"".join(outgoing)
+        outgoing.clear()
+        return data
+
+    # -- receiving ---------------------------------------------------------
+
+    def receive_data(self, data: bytes | None) -> list[FramingEvent]:
+        """Feed bytes from the transport (`None` at EOF) and return what they meant.
+
+        Never raises on peer input. Replies the protocol obliges (pong, close echo,
+        the failure's close) are already queued: then call `data_to_send()`.
+        """
+        if self._done:
+            return []
+        if data is None:
+            self._done = True
+            self._text_parts = []
+            return [_TRANSPORT_CLOSED]
+        if len(data) > _FEED_SLICE_BYTES:
+            return self._receive_in_slices(data)
+        connection = self._connection
+        connection.receive_data(data)
+        events: list[FramingEvent] = []
+        max_bytes = self._max_message_bytes
+        for event in connection.events():
+            if type(event) is TextMessage:
+                text = event.data
+                # Size in bytes; ASCII (the common case, JSON) needs no encode.
+                size = len(text) if text.isascii() else len(text.encode("utf-8"))
+                if event.message_finished and not self._fragments:
+                    # Fast path: a whole message in one frame and one read.
+                    if size > max_bytes:
+                        self._fail(events, _MESSAGE_TOO_BIG, _too_big(max_bytes))
+                        break
+                    events.append(TextReceived(text))
+                    continue
+                if not self._fragment_open:
+                    if self._fragments == self._max_fragments:
+                        self._fail(events, _MESSAGE_TOO_BIG, self._too_many_fragments())
+                        break
+                    self._fragments += 1
+                total = self._message_bytes + size
+                if total > max_bytes:
+                    self._fail(events, _MESSAGE_TOO_BIG, _too_big(max_bytes))
+                    break
+                if event.message_finished:
+                    parts = self._text_parts
+                    parts.append(text)
+                    events.append(TextReceived("".join(parts)))
+                    parts.clear()
+                    self._message_bytes = 0
+                    self._fragments = 0
+                    self._fragment_open = False
+                else:
+                    if text:
+                        self._text_parts.append(text)
+                    self._message_bytes = total
+                    self._fragment_open = not event.frame_finished
+            else:
+                self._handlers[type(event)](event, events)
+                if self._done:
+                    break
+        return events
+
+    def _receive_in_slices(self, data: bytes) -> list[FramingEvent]:
+        events: list[FramingEvent] = []
+        view = memoryview(data)
+        for start in range(0, len(data), _FEED_SLICE_BYTES):
+            events += self.receive_data(bytes(view[start : start + _FEED_SLICE_BYTES]))
+            if self._done:
+                break
+        return events
+
+    # -- rarer events (dispatched on type) -----------------------------------
+
+    def _on_binary(self, event: BytesMessage, events: list[FramingEvent]) -> None:
+        # Count, cap and drop: the caller closes 1003 (section 2), so the payload
+        # is never needed, but the caps still apply while it streams in.
+        if not self._fragment_open:
+            if self._fragments == self._max_fragments:
+                self._fail(events, _MESSAGE_TOO_BIG, self._too_many_fragments())
+                return
+            self._fragments += 1
+        total = self._message_bytes + len(event.data)
+        if total > self._max_message_bytes:
+            self._fail(events, _MESSAGE_TOO_BIG, _too_big(self._max_message_bytes))
+            return
+        if event.message_finished:
+            events.append(BinaryReceived(total))
+            self._message_bytes = 0
+            self._fragments = 0
+            self._fragment_open = False
+        else:
+            self._message_bytes = total
+            self._fragment_open = not event.frame_finished
+
+    def _on_ping(self, event: Ping, events: list[FramingEvent]) -> None:
+        payload = bytes(event.payload)
+        # RFC 6455 5.5.3: answer with the same payload; after our close, send nothing.
+        if not self._closed_sent:
+            self._outgoing.append(self._connection.send(Pong(payload=payload)))
+        events.append(PingReceived(payload))
+
+    def _on_pong(self, event: Pong, events: list[FramingEvent]) -> None:
+        events.append(PongReceived(bytes(event.payload)))
+
+    def _on_close(self, event: CloseConnection, events: list[FramingEvent]) -> None:
+        connection_state = self._connection.state
+        if connection_state is ConnectionState.OPEN or (
+            connection_state is ConnectionState.LOCAL_CLOSING
+        ):
+            # wsproto reports its own parse failures as a CloseConnection without
+            # changing state; a real close frame moves it to REMOTE_CLOSING/CLOSED.
+            self._fail(events, int(event.code), event.reason or "invalid frame")
+            return
+        self._close_received = True
+        self._done = True
+        self._text_parts = []
+        code = int(event.code)
+        received_code = None if code == _NO_STATUS_RECEIVED else code
+        if connection_state is ConnectionState.REMOTE_CLOSING:
+            # RFC 6455 5.5.1: echo the close (with its code) if we had not sent one.
+            self._closed_sent = True
+            # Pass wsproto's own code object: it writes an empty close only for its
+            # NO_STATUS_RCVD member, and would turn a plain 1005 into 1000.
+            self._outgoing.append(self._connection.send(CloseConnection(code=event.code)))
+        events.append(CloseReceived(received_code, event.reason or ""))
+
+    # -- failure -------------------------------------------------------------
+
+    def _fail(self, events: list[FramingEvent], close_code: int, reason: str) -> None:
+        """Queue our close with `close_code` (unless one was sent) and stop reading."""
+        if not self._closed_sent:
+            self._queue_close(close_code, reason)
+        self._done = True
+        self._text_parts = []
+        events.append(FramingFailed(close_code, reason))
+
+    def _too_many_fragments(self) -> str:
+        return f"message has more than {self._max_fragments} fragments"
+
+    def _queue_close(self, code: int, reason: str) -> None:
+        try:
+            data = self._connection.send(CloseConnection(code=code, reason=reason))
+        except _WsprotoLocalProtocolError as exc:  # pragma: no cover - guarded by flags
+            raise LocalProtocolError(str(exc)) from exc
+        self._closed_sent = True
+        self._outgoing.append(data)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Framing state={self.state.value} closed_sent={self._closed_sent} "
+            f"close_received={self._close_received}>"
+        )
+
+
+def _too_big(max_bytes: int) -> str:
+    return f"message exceeds {max_bytes} bytes"
