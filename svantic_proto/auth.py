@@ -73,7 +73,6 @@ MAX_LEEWAY: Final = 5.0
 DISPATCH_AUTH_ENABLED_ENV: Final = "SVANTIC_DISPATCH_AUTH_ENABLED"
 
 AsymmetricAlgorithm = Literal["ES256", "EdDSA"]
-_ASYMMETRIC_ALGORITHMS: Final = ("ES256", "EdDSA")
 
 
 class DispatchAuthFailure(StrEnum):
@@ -157,7 +156,10 @@ class DispatchClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
 _CLAIMS_DECODER: Final = msgspec.json.Decoder(DispatchClaims)
 _JSON_DECODER: Final = msgspec.json.Decoder()
 _JSON_ENCODER: Final = msgspec.json.Encoder()
+# A mesh sends the same few headers (alg, typ, kid) on every dispatch: parse each once.
+# Bounded in count and size, so a flood of odd headers cannot grow memory.
 _HEADER_CACHE_LIMIT: Final = 64
+_HEADER_CACHE_MAX_SEGMENT: Final = 256
 
 
 def _fail(reason: DispatchAuthFailure, message: str) -> DispatchAuthError:
@@ -750,7 +752,10 @@ class DispatchAuthVerifier:
         header = self._header_cache.get(header_segment)
         if header is None:
             header = _parse_header(header_segment)
-            if len(self._header_cache) < _HEADER_CACHE_LIMIT:
+            if (
+                len(self._header_cache) < _HEADER_CACHE_LIMIT
+                and len(header_segment) <= _HEADER_CACHE_MAX_SEGMENT
+            ):
                 self._header_cache[header_segment] = header
         signing_input = raw[: len(raw) - len(signature_segment) - 1]
         if header.alg not in self._algorithms:
