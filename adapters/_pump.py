@@ -1,0 +1,92 @@
+"""The one loop body every adapter runs after calling into a core connection.
+
+After any call into the core (bytes in, a timer, a send from a handler),
+the adapter must hand events to the application, write what the core wants
+written (batched into one write), close the transport when told, and move its
+single timer to the core's `next_deadline()`. `Pump` does exactly that and
+nothing else; each adapter gives it three callables for its own I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from svantic_proto.events import Event
+
+__all__ = ["Pump"]
+
+
+class Pump:
+    __slots__ = (
+        "_arm_timer",
+        "_busy",
+        "_close",
+        "_deadline",
+        "_on_event",
+        "_write",
+        "closed",
+        "conn",
+    )
+
+    def __init__(
+        self,
+        conn: Any,
+        *,
+        on_event: Callable[[Event], None],
+        write: Callable[[list[bytes]], None],
+        close: Callable[[], None],
+        arm_timer: Callable[[float | None], None],
+    ) -> None:
+        self.conn = conn
+        self._on_event = on_event
+        self._write = write
+        self._close = close
+        self._arm_timer = arm_timer
+        self._deadline: float | None = None
+        self._busy = False
+        self.closed = False
+
+    def feed(self, data: bytes, now: float) -> None:
+        self.conn.receive_data(data, now)
+        self.service()
+
+    def eof(self, now: float) -> None:
+        self.conn.receive_eof(now)
+        self.service()
+
+    def timer(self, now: float) -> None:
+        self._deadline = None
+        self.conn.handle_timer(now)
+        self.service()
+
+    def service(self) -> None:
+        """Drain events and output; safe to call from inside an event callback."""
+        if self._busy:
+            return  # the outer call loops until nothing is left
+        self._busy = True
+        try:
+            conn = self.conn
+            while True:
+                events = conn.events_received()
+                for event in events:
+                    self._on_event(event)
+                chunks = conn.data_to_send()
+                if chunks:
+                    if chunks[-1] == b"":
+                        data = [c for c in chunks if c]
+                        if data and not self.closed:
+                            self._write(data)
+                        if not self.closed:
+                            self.closed = True
+                            self._close()
+                    elif not self.closed:
+                        self._write(chunks)
+                if not events and not chunks:
+                    break
+            deadline = None if self.closed else conn.next_deadline()
+            if deadline != self._deadline:
+                self._deadline = deadline
+                self._arm_timer(deadline)
+        finally:
+            self._busy = False
