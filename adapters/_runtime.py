@@ -200,7 +200,7 @@ class MeshWaiters:
             pending = self._pending.pop(dispatch_id, None)
             if pending is not None:
                 if kind is DispatchTimedOut:
-                    error = DispatchError(dispatch_id, "DEADLINE_EXCEEDED", "no answer by the deadline")
+                    error = DispatchError(dispatch_id, "DEADLINE_EXCEEDED", "no answer in time")
                 else:
                     error = DispatchError(dispatch_id, event.code, event.message, event.detail)  # type: ignore[attr-defined]
                 pending.waiter.set_exception(error)

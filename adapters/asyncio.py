@@ -198,7 +198,8 @@ class Agent(CapabilityRegistry):
             code, message = refusal or ("INTERNAL", "no connection")
             self._answer(event.dispatch_id, "send_error", code, message)
             return
-        context = make_context(event, lambda data: self._answer(event.dispatch_id, "send_chunk", data))
+        dispatch_id = event.dispatch_id
+        context = make_context(event, lambda data: self._answer(dispatch_id, "send_chunk", data))
         self._tasks[event.dispatch_id] = asyncio.create_task(
             self._run_handler(capability.handler, event, context))
 
@@ -243,7 +244,7 @@ class Agent(CapabilityRegistry):
                 retry = closed.retry if closed is not None else RetryDecision.RETRY
                 if retry is RetryDecision.FINAL and not self._stopping and closed is not None:
                     raise closed.error or DispatchError("", "CONNECTION_CLOSED", closed.reason)
-            except (OSError, asyncio.TimeoutError, ssl.SSLError):
+            except (TimeoutError, OSError, ssl.SSLError):
                 retry = RetryDecision.RETRY
             if self._stopping:
                 return
@@ -289,7 +290,7 @@ class Agent(CapabilityRegistry):
 
 
 def connect(url: str, **options: Any) -> Agent:
-    """`async with connect(url, ...) as agent:` or `async for conn in connect(...).connections()`."""
+    """`async with connect(url, ...) as agent:`, or `async for conn in agent.connections()`."""
     return Agent(url, **options)
 
 
@@ -351,6 +352,7 @@ class MeshServer:
         self._server: asyncio.Server | None = None
         self._store_timer: asyncio.TimerHandle | None = None
         self.on_event: Callable[[AgentLink, Event], None] | None = None
+        self._notify_task: asyncio.Future[None] | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         self._server = await asyncio.start_server(
@@ -404,7 +406,7 @@ class MeshServer:
                 conn.reject(decision, now=now)  # type: ignore[arg-type]
         elif isinstance(event, SessionStarted):
             self.agents[event.instance_id] = agent
-            asyncio.ensure_future(self._notify())
+            self._notify_task = asyncio.ensure_future(self._notify())
         elif isinstance(event, ConnectionClosed):
             if conn.instance_id and self.agents.get(conn.instance_id) is agent:
                 del self.agents[conn.instance_id]
