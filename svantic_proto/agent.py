@@ -578,8 +578,7 @@ class AgentConnection(_Connection):
 
     def _close_now(self, now: float | None) -> None:
         self._we_closed = True
-        when = now if now is not None else self._last_received
-        super().close(1000, "drained", now=when)
+        super().close(1000, "drained", now=self._now if now is None else now)
 
 
 _HANDLERS: dict[type, Callable[[AgentConnection, Any, float], None]] = {

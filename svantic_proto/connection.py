@@ -105,6 +105,7 @@ class _Connection:
         self._timers: dict[str, float] = {}
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, dispatch id)
         self._last_received = now
+        self._now = now  # the latest time any call told us, for methods that take no `now`
         self._bucket = _TokenBucket(
             self.config.max_frames_per_second, self.config.frame_burst, now
         )
@@ -144,6 +145,7 @@ class _Connection:
         """Run every timer due at `now`; then call `data_to_send()` and `next_deadline()`."""
         if self._closed_reported and self._transport_closed:
             return
+        self._now = max(self._now, now)
         for name, deadline in sorted(self._timers.items(), key=lambda item: item[1]):
             if deadline <= now and self._timers.get(name) == deadline:
                 del self._timers[name]
@@ -160,6 +162,7 @@ class _Connection:
         if self._transport_closed or not data:
             return
         self._last_received = now
+        self._now = max(self._now, now)
         self._feed(data, now)
 
     def receive_eof(self, now: float) -> None:
