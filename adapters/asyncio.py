@@ -35,20 +35,29 @@ from svantic_proto.events import (
     SessionStarted,
     UpgradeRequest,
 )
-from svantic_proto.handshake import HandshakeRejected
 from svantic_proto.mesh import MintDispatchAuth
 
 from ._pump import Pump
 from ._runtime import (
     CapabilityRegistry,
+    DispatchContext,
     DispatchError,
+    HandlerError,
     MeshWaiters,
     client_ssl_context,
     handler_outcome,
     make_context,
 )
 
-__all__ = ["Agent", "AgentLink", "MeshServer", "connect"]
+__all__ = [
+    "Agent",
+    "AgentLink",
+    "DispatchContext",
+    "DispatchError",
+    "HandlerError",
+    "MeshServer",
+    "connect",
+]
 
 READ_SIZE = 65536
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
@@ -163,7 +172,10 @@ class Agent(CapabilityRegistry):
         reader, writer = await asyncio.wait_for(
             asyncio.open_connection(self._host, self._port, ssl=self._ssl,
                                     server_hostname=self._host if self._ssl else None,
-                                    limit=READ_SIZE),
+                                    limit=READ_SIZE,
+                                    # spec 4: a dead peer is dropped, not awaited for 30 s
+                                    ssl_shutdown_timeout=(self.config.close_timeout
+                                                          if self._ssl else None)),
             timeout=self.config.hello_timeout,
         )
         loop = asyncio.get_running_loop()
@@ -226,6 +238,20 @@ class Agent(CapabilityRegistry):
         with contextlib.suppress(Exception):  # a dispatch that already ended is not an error
             getattr(link.pump.conn, method)(dispatch_id, *args)
         link.service()
+
+    def refresh_token(self, token: str) -> bool:
+        """Use a fresh transport JWT: now through `token_refresh`, and for every reconnect.
+
+        Returns False when the mesh does not know the extension; the new token is
+        then used at the next reconnect (spec 3).
+        """
+        self.token = token
+        link, conn = self.link, self.conn
+        if link is None or conn is None:
+            return False
+        sent = conn.refresh_token(token)
+        link.service()
+        return sent
 
     async def connections(self) -> AsyncIterator[AgentConnection]:
         """Yield each established connection; reconnect with the core's backoff and retry rules."""
@@ -309,6 +335,10 @@ class AgentLink:
     def instance_id(self) -> str | None:
         return self.conn.instance_id
 
+    async def wait_closed(self) -> None:
+        """Until this agent's connection has ended."""
+        await self.link.done.wait()
+
     async def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
                        deadline_ms: int = 30_000,
                        on_chunk: Callable[[Any], object] | None = None) -> Any:
@@ -355,9 +385,13 @@ class MeshServer:
         self._notify_task: asyncio.Future[None] | None = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        # asyncio refuses a handshake timeout without TLS (plain ws:// on loopback).
+        tls_options = {"ssl_handshake_timeout": self.config.hello_timeout,
+                       # spec 4: drop a silent peer, do not await its close_notify for 30 s
+                       "ssl_shutdown_timeout": self.config.close_timeout} if self._ssl else {}
         self._server = await asyncio.start_server(
             self._serve, host, port, ssl=self._ssl, backlog=self.backlog, limit=READ_SIZE,
-            ssl_handshake_timeout=self.config.hello_timeout)
+            **tls_options)
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]
 
@@ -411,7 +445,9 @@ class MeshServer:
             if conn.instance_id and self.agents.get(conn.instance_id) is agent:
                 del self.agents[conn.instance_id]
             self._arm_store_timer()
-        elif not self.waiters.dispatch_event(event) and self.on_event is not None:
+        else:
+            self.waiters.dispatch_event(event)
+        if self.on_event is not None:  # every event, for metrics and the application
             self.on_event(agent, event)
 
     async def _notify(self) -> None:
@@ -454,5 +490,3 @@ class MeshServer:
         if self._server is not None:
             await self._server.wait_closed()
 
-
-__all__ += ["HandshakeRejected"]

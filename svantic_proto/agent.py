@@ -9,12 +9,15 @@ is answered from the cache and no handler ever runs twice), and the backoff.
 
 from __future__ import annotations
 
+import base64
 import heapq
 import random
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from .auth import DispatchAuthError, DispatchAuthVerifier
 from .backoff import Backoff, RetryDecision, classify_close, classify_handshake_status
@@ -73,6 +76,8 @@ _TERMINAL = (DispatchResult, Error)
 class _Running:
     deadline_at: float
     next_seq: int = 0
+    cancelled: bool = False
+    """DispatchCancelled was reported: the mesh's `cancel` and our own deadline report once."""
 
 
 class AgentSession:
@@ -91,7 +96,11 @@ class AgentSession:
         self.running: dict[str, _Running] = {}
         self.finished: OrderedDict[str, Frame] = OrderedDict()
         self.outbox: deque[Frame] = deque()
-        self.backoff = Backoff(rand if rand is not None else random.random)
+        self.backoff = Backoff(
+            rand if rand is not None else random.random,
+            base=self.config.reconnect_base_delay,
+            cap=self.config.reconnect_max_delay,
+        )
         self.token_refreshed = False
         """Set by whoever fetched a fresh token for the next attempt (spec 5: refresh once)."""
         self.dropped_from_outbox = 0
@@ -148,6 +157,10 @@ class AgentConnection(_Connection):
         self.state = AgentState.CONNECTING
         self.session = session if session is not None else AgentSession(self.config)
         self.session.connections += 1
+        # Dispatches still running from an earlier connection keep their deadlines here:
+        # the handler is told to stop when one passes, whether or not the mesh resumed.
+        for dispatch_id, running in self.session.running.items():
+            heapq.heappush(self._deadlines, (running.deadline_at, dispatch_id))
         self.instance_id = instance_id
         self.agent_type = agent_type
         self.capabilities = tuple(capabilities)
@@ -157,6 +170,8 @@ class AgentConnection(_Connection):
             token=token,
             instance_id=instance_id,
             allow_insecure_loopback=allow_insecure_loopback,
+            # From the injected source too, so a seeded connection sends the same bytes.
+            key=None if random_bytes is None else base64.b64encode(random_bytes(16)),
         )
         self._handshake: ClientHandshake | None = ClientHandshake(upgrade)
         self._out.append(upgrade.request_bytes)
@@ -247,9 +262,10 @@ class AgentConnection(_Connection):
         pass
 
     def _on_cancel(self, frame: Cancel, now: float) -> None:
-        dispatch_id = frame.payload.dispatch_id
-        if dispatch_id in self.session.running:
-            self._events.append(DispatchCancelled(dispatch_id, frame.payload.reason))
+        running = self.session.running.get(frame.payload.dispatch_id)
+        if running is not None and not running.cancelled:
+            running.cancelled = True
+            self._events.append(DispatchCancelled(frame.payload.dispatch_id, frame.payload.reason))
 
     def _on_tool_result(self, frame: ToolResult, now: float) -> None:
         if frame.in_reply_to not in self._tool_calls:
@@ -293,7 +309,7 @@ class AgentConnection(_Connection):
             queued = session.outbox.popleft()
             self._send(queued)
             if isinstance(queued, _TERMINAL):
-                self._sent_terminal.add(queued.in_reply_to)  # type: ignore[arg-type]
+                self._mark_answered(queued.in_reply_to)  # type: ignore[arg-type]
         self._events.append(
             SessionStarted(
                 instance_id=self.instance_id,
@@ -315,7 +331,7 @@ class AgentConnection(_Connection):
             self.stats.redelivered_dispatches += 1
             if dispatch_id not in self._sent_terminal:  # at most one terminal per connection
                 self._send(session_stored)
-                self._sent_terminal.add(dispatch_id)
+                self._mark_answered(dispatch_id)
             return
         if dispatch_id in session.running:
             self.stats.redelivered_dispatches += 1  # still running: it answers when done
@@ -413,8 +429,11 @@ class AgentConnection(_Connection):
         return running is not None and running.deadline_at == deadline
 
     def _on_dispatch_deadline(self, dispatch_id: str, now: float) -> None:
-        # The mesh has given up by now (it sends `cancel` too); tell the handler to stop.
-        self._events.append(DispatchCancelled(dispatch_id, "DEADLINE_EXCEEDED"))
+        # The mesh has given up by now (it sends `cancel` too); tell the handler to stop, once.
+        running = self.session.running[dispatch_id]
+        if not running.cancelled:
+            running.cancelled = True
+            self._events.append(DispatchCancelled(dispatch_id, "DEADLINE_EXCEEDED"))
 
     def _in_flight_ids(self) -> tuple[str, ...]:
         return tuple(self.session.running)
@@ -444,11 +463,24 @@ class AgentConnection(_Connection):
         self.session._finish(dispatch_id, frame)
         if self.ready:
             self._send(frame)
-            self._sent_terminal.add(dispatch_id)
+            self._mark_answered(dispatch_id)
         else:
             self.session._queue(frame)
         if self.state is AgentState.DRAINING and not self.session.running:
             self._close_now(None)
+
+    def _mark_answered(self, dispatch_id: str) -> None:
+        """Remember a terminal frame went out on this connection (spec 5: at most one).
+
+        Only ids still in the session's finished cache are ever looked up again, so the
+        set is pruned to those whenever it outgrows twice the cache: bounded memory on a
+        connection that lives for millions of dispatches, at amortised O(1).
+        """
+        answered = self._sent_terminal
+        answered.add(dispatch_id)
+        if len(answered) > 2 * self.config.finished_cache_size:
+            finished = self.session.finished
+            self._sent_terminal = {done for done in answered if done in finished}
 
     def send_ack(self, dispatch_id: str) -> None:
         """Optional 'received, working' (spec 3); does not extend the deadline."""
@@ -520,21 +552,25 @@ class AgentConnection(_Connection):
     def set_status(
         self, status: str | None = None, now: float | None = None, **fields: Any
     ) -> None:
-        """Update what heartbeats report; a change of `status` is sent at once (spec 3)."""
+        """Update what heartbeats report; a change of `status` is sent at once (spec 3).
+
+        A field or value the heartbeat schema refuses raises `LocalProtocolError` here,
+        not later from a timer, and never reaches the mesh (which would close 1002).
+        """
         changed = status is not None and status != self._status
+        extra = {**self._heartbeat_extra, **fields}
+        _check_heartbeat(self._status if status is None else status, extra)
         if status is not None:
             self._status = status
-        self._heartbeat_extra.update(fields)
+        self._heartbeat_extra = extra
         if changed and self.ready and now is not None:
             self._send_heartbeat(now)
 
     def _send_heartbeat(self, now: float) -> None:
         running = len(self.session.running)
         extra = {"active_sessions": running, "in_flight": running, **self._heartbeat_extra}
-        try:
-            payload = HeartbeatPayload(status=self._status, **extra)  # type: ignore[arg-type]
-        except TypeError as exc:
-            raise LocalProtocolError(f"bad heartbeat field: {exc}") from None
+        # set_status() checked every field against the schema, so this cannot fail.
+        payload = HeartbeatPayload(status=self._status, **extra)  # type: ignore[arg-type]
         self._send(self.frames.new(Heartbeat, payload))
         self._timers["heartbeat"] = now + self._heartbeat_interval
 
@@ -579,6 +615,16 @@ class AgentConnection(_Connection):
     def _close_now(self, now: float | None) -> None:
         self._we_closed = True
         super().close(1000, "drained", now=self._now if now is None else now)
+
+
+def _check_heartbeat(status: str | None, fields: dict[str, Any]) -> None:
+    unknown = sorted(set(fields) - set(HeartbeatPayload.__struct_fields__))
+    if unknown:
+        raise LocalProtocolError(f"bad heartbeat field: unknown {', '.join(unknown)}")
+    try:
+        msgspec.convert({"active_sessions": 0, **fields, "status": status}, HeartbeatPayload)
+    except msgspec.ValidationError as exc:
+        raise LocalProtocolError(f"bad heartbeat field: {exc}") from None
 
 
 _HANDLERS: dict[type, Callable[[AgentConnection, Any, float], None]] = {

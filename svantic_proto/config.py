@@ -28,7 +28,9 @@ class Config:
     close_grace: float = 30.0
     close_timeout: float = 5.0
     """After our close frame, how long to wait for the peer's before dropping the transport."""
-    # resume (spec section 5)
+    # reconnect and resume (spec section 5)
+    reconnect_base_delay: float = 1.0
+    reconnect_max_delay: float = 30.0
     resume_window: float = 30.0
     outbox_limit: int = 1000
     finished_cache_size: int = 10_000

@@ -231,7 +231,9 @@ class _Connection:
                 return  # after our close frame the peer's frames are moot
             self._on_text(event.text, now)  # type: ignore[attr-defined]
         elif kind is BinaryReceived:
-            self._fail(1003, "binary messages are not used by svantic.v1", now)
+            binary = "binary messages are not used by svantic.v1"
+            self._close_error = RemoteProtocolError(binary, close_code=1003)  # keep the cause
+            self._fail(1003, binary, now)
         elif kind is CloseReceived:
             code: int | None = event.code  # type: ignore[attr-defined]
             self._peer_closed(code, event.reason, now)  # type: ignore[attr-defined]
@@ -284,6 +286,10 @@ class _Connection:
     def _send(self, frame: Frame) -> None:
         if self._framing is None or self.state.name in ("CLOSING", "CLOSED"):
             raise InvalidState(f"cannot send {frame.type} in state {self.state.name}")
+        if self._framing.closed_sent:
+            # A reply to a message read in the same batch as the peer's close or a framing
+            # failure: that close is queued already and nothing may follow it (RFC 6455 5.5.1).
+            return
         self._framing.send_text(encode_frame(frame).decode())
         self.stats.frames_sent += 1
 
@@ -346,6 +352,8 @@ class _Connection:
     def _peer_closed(self, code: int | None, reason: str, now: float) -> None:
         # Framing has queued the echo when the peer started it; either way we are done.
         self._finish(code, reason, by_peer=not self._closed_reported, now=now)
+        if self.state.name != "CLOSED":
+            self._move("peer_close")  # the move the state tables (and the diagram) name
         self._drop_transport()
 
     def _lost(self, reason: str, now: float) -> None:

@@ -138,6 +138,10 @@ class TokenVerifier(Protocol):
     def __call__(self, token: str, /) -> Any: ...
 
 
+_ENDED_MEMORY = 1024
+"""How many ended dispatch ids a connection remembers to recognise late `error` frames."""
+
+
 def held_failures(held: list[HeldDispatch]) -> list[DispatchFailed]:
     """`DispatchFailed(AGENT_DISCONNECTED)` for dispatches the resume store gave up on."""
     return [
@@ -191,6 +195,7 @@ class MeshConnection(_Connection):
         self._resume_token: str | None = None
         self.in_flight: dict[str, _Outbound] = {}
         self._tool_calls: set[str] = set()
+        self._ended: dict[str, None] = {}  # recent dispatches that ended here, oldest first
         self.peer_draining = False
         self._timers["handshake"] = now + self.config.hello_timeout
 
@@ -399,8 +404,15 @@ class MeshConnection(_Connection):
         if outbound is None:
             self.stats.late_terminal_frames += 1  # first terminal frame won (spec 3)
             return None
+        self._remember_ended(dispatch_id)
         self._drain_chunks(dispatch_id, outbound, all_of_them=True)
         return outbound
+
+    def _remember_ended(self, dispatch_id: str) -> None:
+        """So a later `error` for it counts as a late terminal frame, not a new error (spec 3)."""
+        self._ended[dispatch_id] = None
+        if len(self._ended) > _ENDED_MEMORY:
+            del self._ended[next(iter(self._ended))]
 
     def _on_result(self, frame: DispatchResult, now: float) -> None:
         if self._end(frame.in_reply_to) is not None:
@@ -416,6 +428,8 @@ class MeshConnection(_Connection):
                 DispatchFailed(reply_to, payload.code, payload.message, payload.detail)
             )
             self._drained(now)
+        elif reply_to is not None and reply_to in self._ended:
+            self.stats.late_terminal_frames += 1  # the first terminal frame won (spec 3)
         else:
             self._on_error_frame(payload, reply_to)
 
@@ -508,18 +522,21 @@ class MeshConnection(_Connection):
             raise LocalProtocolError("capability must be a non-empty string")
         if dispatch_id is not None and (dispatch_id in self.in_flight):
             raise LocalProtocolError(f"dispatch {dispatch_id} is already in flight")
+        new_id, ts = self.frames.ids.stamp()  # one stamp for the id and the envelope ts
         payload = DispatchPayload(
-            dispatch_id=dispatch_id or self.frames.ids.new_id(),
+            dispatch_id=dispatch_id or new_id,
             capability=capability,
             deadline_ms=deadline_ms,
             arguments=arguments if arguments is not None else {},
             task_id=task_id,
             session_context=session_context,
         )
-        self._dispatch(payload, now + deadline_ms / 1000, now)
+        self._dispatch(payload, now + deadline_ms / 1000, now, ts)
         return payload.dispatch_id
 
-    def _dispatch(self, payload: DispatchPayload, deadline_at: float, now: float) -> None:
+    def _dispatch(
+        self, payload: DispatchPayload, deadline_at: float, now: float, ts: str | None = None
+    ) -> None:
         auth: DispatchAuth | None = None
         if self._mint is not None:
             instance_id, tenant_id = self._identity()
@@ -536,7 +553,8 @@ class MeshConnection(_Connection):
                     )
                 )
                 return
-        _, ts = self.frames.ids.stamp()
+        if ts is None:
+            _, ts = self.frames.ids.stamp()
         sent = payload if auth is None else _with_auth(payload, auth)
         self._send(Dispatch(v=1, id=payload.dispatch_id, ts=ts, payload=sent))
         self.in_flight[payload.dispatch_id] = _Outbound(payload, deadline_at)
@@ -617,6 +635,7 @@ class MeshConnection(_Connection):
 
     def _on_dispatch_deadline(self, dispatch_id: str, now: float) -> None:
         self.in_flight.pop(dispatch_id)
+        self._remember_ended(dispatch_id)
         self._events.append(DispatchTimedOut(dispatch_id))
         cancel = self.frames.new(
             Cancel, CancelPayload(dispatch_id=dispatch_id, reason="DEADLINE_EXCEEDED")
@@ -634,8 +653,8 @@ class MeshConnection(_Connection):
         """Park in-flight dispatches for resume, or fail them AGENT_DISCONNECTED (spec 5)."""
         held = [HeldDispatch(o.payload, o.deadline_at) for o in self.in_flight.values()]
         self.in_flight.clear()
-        if not held:
-            return
+        # Even with nothing held, the token's window starts now: a matching hello within it
+        # resumes (spec 5), so the agent's outbox and finished cache keep their meaning.
         if self._store is not None and self._resume_token is not None:
             failed = self._store.hold(self._resume_token, held, now)
         else:
