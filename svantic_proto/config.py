@@ -57,3 +57,10 @@ class Config:
         for name in ("max_message_bytes", "max_fragments", "frame_burst", "max_in_flight"):
             if getattr(self, name) < 1:
                 raise LocalProtocolError(f"Config.{name} must be at least 1")
+        # Periodic timers re-arm at `now + interval`: zero would fire forever at one instant,
+        # and a zero refill rate would make the RATE_LIMITED hint infinite.
+        for name in ("ws_ping_interval", "app_ping_interval", "max_frames_per_second"):
+            if getattr(self, name) <= 0:
+                raise LocalProtocolError(f"Config.{name} must be greater than 0")
+        if round(self.heartbeat_interval * 1000) < 1:  # welcome carries it in whole ms (spec 3)
+            raise LocalProtocolError("Config.heartbeat_interval must be at least 0.001 s")

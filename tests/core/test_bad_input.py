@@ -26,6 +26,7 @@ from test_conn_kit import (
 )
 
 from svantic_proto.backoff import RetryDecision
+from svantic_proto.codec import encode_frame
 from svantic_proto.config import Config
 from svantic_proto.errors import FrameError, RemoteProtocolError
 from svantic_proto.events import (
@@ -40,6 +41,8 @@ from svantic_proto.frames import (
     DispatchResultPayload,
     Error,
     ErrorPayload,
+    Heartbeat,
+    HeartbeatPayload,
     Ping,
     PingPayload,
     Pong,
@@ -255,8 +258,6 @@ def test_nothing_follows_the_close_echo_when_a_request_and_a_close_arrive_togeth
     harness = ready(side)
     masked = side == "mesh"
     ping = harness.factory.new(Ping, PingPayload())
-    from svantic_proto.codec import encode_frame
-
     harness.send_raw(
         ws_frame(TEXT, encode_frame(ping), masked=masked)
         + ws_frame(CLOSE, _close_payload(1000), masked=masked)
@@ -345,8 +346,6 @@ def test_mesh_rate_limit_hint_is_at_least_the_configured_retry_after() -> None:
 
 
 def test_heartbeats_count_against_the_mesh_inbound_limit() -> None:
-    from svantic_proto.frames import Heartbeat, HeartbeatPayload
-
     harness = ready("mesh", Config(max_frames_per_second=1.0, frame_burst=1))
     harness.send(harness.factory.new(Heartbeat, HeartbeatPayload(active_sessions=1)))
     harness.send(harness.factory.new(Heartbeat, HeartbeatPayload(active_sessions=2)))

@@ -26,6 +26,8 @@ from svantic_proto.events import (
     DispatchFailed,
     DispatchReceived,
     DispatchTimedOut,
+    ErrorReceived,
+    ExtensionUnsupported,
     ToolCallReceived,
     ToolResultReceived,
 )
@@ -366,8 +368,6 @@ def test_a_late_error_is_told_apart_from_a_new_one_for_recent_dispatches(
     for dispatch_id in ids:
         h.send(h.factory.new(Error, ErrorPayload(code="CANCELLED"), in_reply_to=dispatch_id))
     assert h.mesh.stats.late_terminal_frames == 2  # the two it still remembers
-    from svantic_proto.events import ErrorReceived
-
     assert [e.in_reply_to for e in h.events_of(ErrorReceived)] == [ids[0]]  # forgotten: reported
 
 
@@ -380,8 +380,6 @@ def test_a_mesh_that_learns_the_agent_lacks_cancel_stops_sending_it() -> None:
     (cancel,) = h.read().of(Cancel)
     h.send(h.factory.new(Error, ErrorPayload(code="BAD_FRAME", message="unknown type"),
                          in_reply_to=cancel.id))
-    from svantic_proto.events import ExtensionUnsupported
-
     assert h.events_of(ExtensionUnsupported) == [ExtensionUnsupported("cancel")]
     h.mesh.send_dispatch("b", deadline_ms=1000, now=h.clock.now)
     h.read()

@@ -22,7 +22,14 @@ from svantic_proto.backoff import RetryDecision
 from svantic_proto.codec import FrameFactory, encode_frame
 from svantic_proto.errors import InvalidState, LocalProtocolError, RemoteProtocolError
 from svantic_proto.events import ConnectionClosed, Event, SessionStarted, UpgradeRequest
-from svantic_proto.frames import Heartbeat, HeartbeatPayload, Hello, HelloPayload
+from svantic_proto.frames import (
+    Heartbeat,
+    HeartbeatPayload,
+    Hello,
+    HelloPayload,
+    Welcome,
+    WelcomePayload,
+)
 from svantic_proto.framing import Framing
 from svantic_proto.handshake import (
     Accept,
@@ -477,8 +484,6 @@ def test_agent_takes_the_welcome_that_arrives_with_the_101() -> None:
     harness = AgentHarness(welcome=False)
     # The welcome rides in the same read as the 101 (`HandshakeAccepted.extra`); it cannot
     # name the hello yet, and in_reply_to is optional on welcome (spec 2).
-    from svantic_proto.frames import Welcome, WelcomePayload
-
     welcome = harness.factory.new(
         Welcome,
         WelcomePayload(

@@ -16,6 +16,7 @@ from svantic_proto.config import Config
 from svantic_proto.events import (
     ChunkReceived,
     ConnectionClosed,
+    DispatchCancelled,
     DispatchCompleted,
     DispatchFailed,
     DispatchReceived,
@@ -251,8 +252,6 @@ def test_a_finished_dispatch_redelivered_gets_its_stored_terminal_and_never_reru
 
 
 def test_a_running_dispatch_keeps_its_deadline_across_a_reconnect_without_resume() -> None:
-    from svantic_proto.events import DispatchCancelled
-
     pair = connected()
     received_at = pair.clock.now
     dispatch_id = pair.mesh.send_dispatch("job", deadline_ms=5000, now=received_at)

@@ -357,3 +357,31 @@ def test_the_mermaid_diagram_draws_every_transition(table: dict) -> None:  # typ
     for state, targets in table.items():
         for what, target in targets.items():
             assert f"    {state.name} --> {target.name}: {what}" in lines
+
+
+# -- configuration limits ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"hello_timeout": -1.0},
+        {"hello_timeout": "10"},
+        {"max_fragments": 0},
+        {"max_message_bytes": 0},
+        {"ws_ping_interval": 0.0},  # would fire forever at one instant
+        {"app_ping_interval": 0},
+        {"max_frames_per_second": 0.0},  # an infinite RATE_LIMITED hint
+        {"heartbeat_interval": 0.0004},  # welcome carries whole milliseconds, at least 1
+    ],
+    ids=lambda o: next(iter(o)),
+)
+def test_config_refuses_values_that_would_break_a_connection(overrides: dict) -> None:  # type: ignore[type-arg]
+    with pytest.raises(LocalProtocolError, match="Config"):
+        Config(**overrides)
+
+
+def test_the_smallest_accepted_heartbeat_interval_still_makes_a_valid_welcome() -> None:
+    pair = Pair(Config(heartbeat_interval=0.001, dead_peer_timeout=10.0))
+    pair.connect()
+    assert pair.agent.state is AgentState.READY
