@@ -374,7 +374,7 @@ class AgentConnection(_Connection):
                 ),
             )
             return
-        deadline_at = now + payload.deadline_ms / 1000
+        deadline_at = now + payload.deadline_ms / 1000 + self.config.agent_deadline_margin
         session.running[dispatch_id] = _Running(deadline_at)
         heapq.heappush(self._deadlines, (deadline_at, dispatch_id))
         context = payload.session_context

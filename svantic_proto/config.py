@@ -32,6 +32,9 @@ class Config:
     reconnect_base_delay: float = 1.0
     reconnect_max_delay: float = 30.0
     resume_window: float = 30.0
+    agent_deadline_margin: float = 1.0
+    """The agent tells a handler to stop this long after a dispatch's deadline, so the mesh's
+    own timeout (and its `cancel`) normally comes first and the caller sees DEADLINE_EXCEEDED."""
     outbox_limit: int = 1000
     finished_cache_size: int = 10_000
     # WebSocket limits (spec section 4)

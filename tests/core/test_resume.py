@@ -261,9 +261,10 @@ def test_a_running_dispatch_keeps_its_deadline_across_a_reconnect_without_resume
     pair.session.resume_token = None  # the mesh will not replay it, nor send a cancel
     pair.advance(1.0)
     pair.reconnect()
-    advance_to(pair, received_at + 4.999)
+    margin = pair.config.agent_deadline_margin  # the mesh's own timeout comes first
+    advance_to(pair, received_at + 5.0 + margin - 0.001)
     assert pair.agent_events_of(DispatchCancelled) == []
-    advance_to(pair, received_at + 5.0)
+    advance_to(pair, received_at + 5.0 + margin)
     assert pair.agent_events_of(DispatchCancelled) == [
         DispatchCancelled(dispatch_id, "DEADLINE_EXCEEDED")
     ]
