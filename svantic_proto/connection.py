@@ -198,6 +198,9 @@ class _Connection:
     def _in_flight_ids(self) -> tuple[str, ...]:
         return ()
 
+    def _hello_expected(self) -> bool:
+        return False
+
     def _retry_after_close(self, code: int | None, by_peer: bool) -> RetryDecision:
         return RetryDecision.FINAL
 
@@ -256,9 +259,12 @@ class _Connection:
         except FrameError as exc:
             self.stats.bad_frames += 1
             self._send_error("BAD_FRAME", exc.message, in_reply_to=exc.frame_id)
-            if exc.close_code is not None:
+            close_code = exc.close_code
+            if close_code is None and self._hello_expected():
+                close_code = 1002  # spec 3: any first frame but hello, known type or not
+            if close_code is not None:
                 self._close_error = exc
-                self._fail(exc.close_code, exc.message, now)
+                self._fail(close_code, exc.message, now)
             return
         self.stats.frames_received += 1
         if frame.type in _REQUEST_TYPES:

@@ -646,6 +646,9 @@ class MeshConnection(_Connection):
     def _in_flight_ids(self) -> tuple[str, ...]:
         return tuple(self.in_flight)
 
+    def _hello_expected(self) -> bool:
+        return self.state is MeshState.AWAITING_HELLO
+
     def _retry_after_close(self, code: int | None, by_peer: bool) -> RetryDecision:
         return RetryDecision.FINAL
 

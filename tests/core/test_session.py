@@ -385,3 +385,32 @@ def test_the_smallest_accepted_heartbeat_interval_still_makes_a_valid_welcome() 
     pair = Pair(Config(heartbeat_interval=0.001, dead_peer_timeout=10.0))
     pair.connect()
     assert pair.agent.state is AgentState.READY
+
+
+def test_unknown_frame_type_before_hello_closes_1002() -> None:
+    """Spec 3: hello must be first; an unknown type there is not tolerated as it is later."""
+    from svantic_proto import ConnectionClosed, MeshConnection
+    from svantic_proto.framing import Framing
+    from svantic_proto.testing import FakeClock
+
+    clock = FakeClock()
+    mesh = MeshConnection(dispatch_auth=None, now=clock.now, wall_clock=clock.wall)
+    mesh.receive_data(
+        b"GET /agents/connect?instance_id=a HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: svantic.v1\r\n"
+        b"Authorization: Bearer t\r\n\r\n",
+        clock.now,
+    )
+    mesh.events_received()
+    mesh.accept(instance_id="a", tenant_id="t", now=clock.now)
+    mesh.data_to_send()
+    client = Framing(True)
+    client.send_text(
+        '{"v":1,"type":"subscribe","id":"01936f3e-5c4b-7a21-9f3e-2b1c0d4e5f60",'
+        '"ts":"2026-11-21T10:00:00Z","payload":{}}'
+    )
+    mesh.receive_data(client.data_to_send(), clock.now)
+    closed = [e for e in mesh.events_received() if isinstance(e, ConnectionClosed)]
+    assert [e.code for e in closed] == [1002]
+    assert mesh.data_to_send()[-1] == b""
