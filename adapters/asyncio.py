@@ -221,7 +221,7 @@ class Agent(CapabilityRegistry):
         try:
             result = await _sync_or_async(handler(event.arguments, context))
         except asyncio.CancelledError:
-            self._answer(event.dispatch_id, "send_error", "CANCELLED", "the mesh cancelled it")
+            self._answer(event.dispatch_id, "send_cancelled")
         except Exception as exc:  # a handler failure is the dispatch's failure, not ours
             code, message, detail = handler_outcome(exc)
             self._answer(event.dispatch_id, "send_error", code, message, detail)

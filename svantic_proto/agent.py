@@ -21,6 +21,7 @@ import msgspec
 
 from .auth import DispatchAuthError, DispatchAuthVerifier
 from .backoff import Backoff, RetryDecision, classify_close, classify_handshake_status
+from .codec import encode_frame
 from .config import Config
 from .connection import _Connection
 from .errors import LocalProtocolError, RemoteProtocolError, SvanticError
@@ -76,8 +77,9 @@ _TERMINAL = (DispatchResult, Error)
 class _Running:
     deadline_at: float
     next_seq: int = 0
-    cancelled: bool = False
-    """DispatchCancelled was reported: the mesh's `cancel` and our own deadline report once."""
+    cancel_reason: str | None = None
+    """Set when DispatchCancelled was reported: the mesh's `cancel` and our own deadline
+    report once, and `send_cancelled()` answers with the matching code."""
 
 
 class AgentSession:
@@ -263,8 +265,8 @@ class AgentConnection(_Connection):
 
     def _on_cancel(self, frame: Cancel, now: float) -> None:
         running = self.session.running.get(frame.payload.dispatch_id)
-        if running is not None and not running.cancelled:
-            running.cancelled = True
+        if running is not None and running.cancel_reason is None:
+            running.cancel_reason = frame.payload.reason
             self._events.append(DispatchCancelled(frame.payload.dispatch_id, frame.payload.reason))
 
     def _on_tool_result(self, frame: ToolResult, now: float) -> None:
@@ -431,8 +433,8 @@ class AgentConnection(_Connection):
     def _on_dispatch_deadline(self, dispatch_id: str, now: float) -> None:
         # The mesh has given up by now (it sends `cancel` too); tell the handler to stop, once.
         running = self.session.running[dispatch_id]
-        if not running.cancelled:
-            running.cancelled = True
+        if running.cancel_reason is None:
+            running.cancel_reason = "DEADLINE_EXCEEDED"
             self._events.append(DispatchCancelled(dispatch_id, "DEADLINE_EXCEEDED"))
 
     def _in_flight_ids(self) -> tuple[str, ...]:
@@ -459,10 +461,10 @@ class AgentConnection(_Connection):
         else:
             self.session._queue(frame)
 
-    def _terminal(self, dispatch_id: str, frame: Frame) -> None:
+    def _terminal(self, dispatch_id: str, frame: Frame, encoded: bytes | None = None) -> None:
         self.session._finish(dispatch_id, frame)
         if self.ready:
-            self._send(frame)
+            self._send(frame, encoded)
             self._mark_answered(dispatch_id)
         else:
             self.session._queue(frame)
@@ -501,12 +503,33 @@ class AgentConnection(_Connection):
         return seq
 
     def send_result(self, dispatch_id: str, result: Any) -> None:
-        """The dispatch's terminal success; then call `data_to_send()`."""
+        """The dispatch's terminal success; then call `data_to_send()`.
+
+        A result that cannot be encoded as JSON is answered `DISPATCH_FAILED` instead
+        (the caller must hear something, spec 3), then `LocalProtocolError` says why.
+        """
         self._running(dispatch_id, "send a result")
         frame = self.frames.new(
             DispatchResult, DispatchResultPayload(result=result), in_reply_to=dispatch_id
         )
-        self._terminal(dispatch_id, frame)
+        try:
+            encoded = encode_frame(frame)
+        except LocalProtocolError as exc:
+            self.send_error(dispatch_id, "DISPATCH_FAILED", f"result is not JSON: {exc}")
+            raise
+        self._terminal(dispatch_id, frame, encoded)
+
+    def send_cancelled(self, dispatch_id: str) -> None:
+        """Answer a dispatch whose handler stopped after `DispatchCancelled` (spec 3 codes).
+
+        Stopped by the deadline it answers DEADLINE_EXCEEDED, so the caller learns why even
+        if this frame beats the mesh's own timer; otherwise CANCELLED with the mesh's reason.
+        """
+        reason = self._running(dispatch_id, "answer a cancel").cancel_reason or "cancelled"
+        if reason == "DEADLINE_EXCEEDED":
+            self.send_error(dispatch_id, "DEADLINE_EXCEEDED", "the dispatch deadline passed")
+        else:
+            self.send_error(dispatch_id, "CANCELLED", f"the mesh cancelled it: {reason}")
 
     def send_error(
         self,

@@ -289,14 +289,15 @@ class _Connection:
 
     # -- sending ---------------------------------------------------------------------------------
 
-    def _send(self, frame: Frame) -> None:
+    def _send(self, frame: Frame, encoded: bytes | None = None) -> None:
+        """Send one frame; `encoded` is its bytes when the caller had to encode it already."""
         if self._framing is None or self.state.name in ("CLOSING", "CLOSED"):
             raise InvalidState(f"cannot send {frame.type} in state {self.state.name}")
         if self._framing.closed_sent:
             # A reply to a message read in the same batch as the peer's close or a framing
             # failure: that close is queued already and nothing may follow it (RFC 6455 5.5.1).
             return
-        self._framing.send_text(encode_frame(frame).decode())
+        self._framing.send_text((encoded or encode_frame(frame)).decode())
         self.stats.frames_sent += 1
 
     def _send_error(

@@ -630,3 +630,39 @@ def test_the_mesh_sees_the_in_flight_refusal_as_the_dispatch_failure() -> None:
     assert (failed.dispatch_id, failed.code) == (second, "RATE_LIMITED")
     assert failed.detail == {"retry_after_ms": 1000}
     assert first in pair.mesh.in_flight
+
+
+def test_a_result_that_is_not_json_is_answered_dispatch_failed() -> None:
+    """The caller always hears back; the programmer gets LocalProtocolError."""
+    import pytest
+
+    from svantic_proto import DispatchFailed, LocalProtocolError
+    from svantic_proto.testing import Pair
+
+    pair = Pair()
+    pair.connect()
+    dispatch_id = pair.mesh.send_dispatch("job", deadline_ms=5000, now=pair.clock.now)
+    pair.pump()
+    with pytest.raises(LocalProtocolError):
+        pair.agent.send_result(dispatch_id, object())
+    pair.pump()
+    [failed] = pair.mesh_events_of(DispatchFailed)
+    assert failed.dispatch_id == dispatch_id and failed.code == "DISPATCH_FAILED"
+
+
+def test_send_cancelled_answers_with_the_reason_of_the_cancel() -> None:
+    from svantic_proto import DispatchCancelled, DispatchFailed, DispatchTimedOut
+    from svantic_proto.testing import Pair
+
+    pair = Pair()
+    pair.connect()
+    first = pair.mesh.send_dispatch("job", deadline_ms=1000, now=pair.clock.now)
+    pair.pump()
+    pair.advance(1.0)  # the mesh times out and sends cancel
+    assert [e.dispatch_id for e in pair.mesh_events_of(DispatchTimedOut)] == [first]
+    assert pair.agent_events_of(DispatchCancelled)[0].reason == "DEADLINE_EXCEEDED"
+    pair.agent.send_cancelled(first)
+    pair.pump()
+    assert pair.mesh.stats.late_terminal_frames == 1  # the mesh had already given up
+    assert pair.session.finished[first].payload.code == "DEADLINE_EXCEEDED"
+    assert pair.mesh_events_of(DispatchFailed) == []

@@ -1,0 +1,600 @@
+"""svantic.v1 over gevent: a blocking agent client and mesh server for greenlets.
+
+Every protocol decision is the core's; this module moves bytes, keeps one hub
+timer per connection at the core's `next_deadline()`, and runs each handler in
+its own greenlet. It needs no monkey-patching: it uses `gevent.socket`,
+`gevent.ssl`, `gevent.event` and hub timers explicitly, so it works in a plain
+process and in any thread (each thread has its own hub). If your application
+monkey-patches, patch first: call `gevent.monkey.patch_all()` before importing
+anything else, in particular before anything imports `ssl` (svantic_proto
+imports PyJWT, which pulls in `ssl` and `socket`, lazily for this reason).
+
+An `Agent` or `MeshServer` lives in the hub of the thread that called `start()`;
+that thread must keep its hub running (`run()`, `serve_forever()`, any gevent
+wait). Its blocking methods may be called from other threads: the call is handed
+to the owning hub and the caller waits. `on_event` and `on_chunk` run in the
+owning thread and must not block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
+
+import gevent
+import gevent.event
+import gevent.monkey
+import gevent.socket
+import gevent.ssl
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from svantic_proto import (
+    AgentConnection,
+    AgentSession,
+    Config,
+    ConnectionClosed,
+    DispatchAuthVerifier,
+    DispatchCancelled,
+    DispatchReceived,
+    Event,
+    HandshakeRejected,
+    InstanceRecord,
+    LocalProtocolError,
+    MeshConnection,
+    ResumeStore,
+    RetryDecision,
+    SessionStarted,
+    UpgradeRequest,
+    check_upgrade,
+    held_failures,
+)
+from svantic_proto.handshake import Accept
+from svantic_proto.mesh import MintDispatchAuth
+
+from ._pump import Pump
+from ._runtime import (
+    CapabilityRegistry,
+    DispatchContext,
+    DispatchError,
+    MeshWaiters,
+    client_ssl_context,
+    handler_outcome,
+    make_context,
+)
+
+__all__ = ["Agent", "AgentLink", "HandshakeRejected", "MeshServer", "connect"]
+
+READ_SIZE = 65536
+WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
+"""Bytes queued for a peer that does not read before we give up on it (slow reader)."""
+
+Method = TypeVar("Method", bound=Callable[..., Any])
+_now = time.monotonic
+_thread_ident: Callable[[], int] = gevent.monkey.get_original("_thread", "get_ident")
+
+
+def _owned(method: Method) -> Method:
+    """Make a blocking method callable from any thread: it runs in the owning hub's thread
+    (gevent objects belong to one hub) while the caller waits."""
+
+    @functools.wraps(method)
+    def call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        hub = self._hub
+        if hub is None or hub.thread_ident == _thread_ident():
+            return method(self, *args, **kwargs)
+        outcome = gevent.event.AsyncResult()
+
+        def run() -> None:
+            try:
+                outcome.set(method(self, *args, **kwargs))
+            except BaseException as exc:  # handed back to the calling thread
+                outcome.set_exception(exc)
+
+        hub.loop.run_callback_threadsafe(gevent.spawn, run)
+        while not outcome.ready():
+            outcome.wait(1.0)  # the timeout keeps the caller's own hub loop alive
+        return outcome.get()
+
+    return cast(Method, call)
+
+
+def _tls(context: ssl.SSLContext, sock: Any, server_hostname: str | None = None) -> Any:
+    """Cooperative TLS, handshaken, with gevent's `SSLContext` or the standard library's
+    (what `gevent.ssl.SSLContext.wrap_socket` does, for either)."""
+    tls = gevent.ssl.SSLSocket(sock=sock, server_side=server_hostname is None, _context=context,
+                               server_hostname=server_hostname, do_handshake_on_connect=False)
+    try:
+        tls.do_handshake()
+    except BaseException:
+        _close(tls)
+        raise
+    return tls
+
+
+def _close(sock: Any) -> None:
+    """Close at once; greenlets blocked on the socket wake with an error."""
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+class _Timer:
+    """One hub timer at a monotonic deadline; the callback runs in a fresh greenlet."""
+
+    def __init__(self, callback: Callable[[], object]) -> None:
+        self._hub, self._callback = gevent.get_hub(), callback
+        self._watcher: Any = None
+
+    def arm(self, deadline: float | None) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        if deadline is not None:
+            self._watcher = self._hub.loop.timer(max(0.0, deadline - _now()))
+            self._watcher.start(gevent.spawn, self._callback, update=True)
+
+
+class _Link:
+    """One socket and one core connection: a reader and a writer greenlet, one hub timer."""
+
+    def __init__(self, conn: Any, sock: Any, on_event: Callable[[Event], None]) -> None:
+        self._hub, self.sock = gevent.get_hub(), sock
+        self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
+                         arm_timer=self._arm)
+        self._pending: list[bytes] = []
+        self.queued, self._closing = 0, False
+        self._wake, self.flushed, self.done = (gevent.event.Event() for _ in range(3))
+        self._timer = _Timer(self._fire)
+        self._writer = gevent.spawn(self._write_loop)
+
+    def start(self) -> None:
+        self.pump.service()  # the upgrade request (agent) or the handshake timer (mesh)
+        gevent.spawn(self._read_loop)
+
+    def _write(self, chunks: list[bytes]) -> None:
+        """Queue for the writer greenlet: never blocks, so any greenlet or the hub may call it."""
+        self._pending.extend(chunks)
+        self.queued += sum(len(chunk) for chunk in chunks)
+        self.flushed.clear()
+        self._wake.set()
+        if self.queued > WRITE_BUFFER_LIMIT:
+            self.abort()  # the peer stopped reading: do not grow memory without limit
+
+    def _close(self) -> None:
+        self._closing = True  # the writer flushes what is queued (the close frame), then closes
+        self._timer.arm(None)
+        self._wake.set()
+
+    def _write_loop(self) -> None:
+        try:
+            while not self._closing or self._pending:
+                self._wake.wait()
+                self._wake.clear()
+                while self._pending:
+                    data = b"".join(self._pending)  # one batched write per wake-up
+                    self._pending.clear()
+                    self.sock.sendall(data)
+                    self.queued -= len(data)
+                self.flushed.set()
+        except Exception:  # any write failure ends the transport: the reader reports it
+            pass
+        finally:
+            self.flushed.set()
+            _close(self.sock)
+
+    def _read_loop(self) -> None:
+        pump = self.pump
+        try:
+            while not pump.closed:
+                try:
+                    data = self.sock.recv(READ_SIZE)
+                except Exception:  # a reset, a TLS error, or a socket closed under us: EOF
+                    data = b""
+                if not data:
+                    break
+                pump.feed(data, _now())
+        finally:
+            if not pump.closed:
+                pump.eof(_now())
+            self._close()
+            self._writer.join(timeout=pump.conn.config.close_timeout)
+            self._writer.kill(block=False)
+            _close(self.sock)
+            self.done.set()
+
+    def _arm(self, deadline: float | None) -> None:
+        self._timer.arm(None if self._closing else deadline)
+
+    def _fire(self) -> None:
+        if not self.pump.closed:
+            self.pump.timer(_now())  # an early wake-up is harmless: the pump re-arms
+
+    @_owned
+    def abort(self) -> None:
+        """Drop TCP at once, without a close frame, as a network fault would."""
+        self._closing = True
+        self._pending.clear()
+        _close(self.sock)
+
+
+class Agent(CapabilityRegistry):
+    """A connected-mode agent (spec 1, 3, 5): dials the mesh, runs handlers, reconnects.
+
+    `start()` spawns the connection greenlet; `wait_ready(timeout)` returns once a
+    welcome is seen; `run()` blocks until `stop()` or a final refusal (it raises the
+    typed `HandshakeRejected`). Handlers are plain functions `(arguments, context)`,
+    each in its own greenlet, killed (`GreenletExit`) when the dispatch is cancelled.
+    """
+
+    def __init__(self, url: str, *, token: str, instance_id: str,
+                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
+                 config: Config | None = None, session: AgentSession | None = None,
+                 token_provider: Callable[[], str] | None = None,
+                 allow_insecure_loopback: bool = False) -> None:
+        super().__init__()
+        self.url, self.token, self.instance_id = url, token, instance_id
+        self.agent_type = agent_type
+        self.config = config or Config()
+        self.session = session or AgentSession(self.config)
+        self._verifier = dispatch_auth
+        self._token_provider = token_provider
+        self._insecure = allow_insecure_loopback
+        parts = urlsplit(url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if parts.scheme == "wss" else 80)
+        self._ssl = client_ssl_context(ssl_context, cafile) if parts.scheme == "wss" else None
+        self.link: _Link | None = None
+        self._handlers: dict[str, tuple[gevent.Greenlet, DispatchContext]] = {}
+        self._cancel_reasons: dict[str, str] = {}
+        self._hub: Any = None
+        self._runner: gevent.Greenlet | None = None
+        self._final_error: BaseException | None = None
+        self._stopping, self.handler_runs = False, 0
+        self._stop_event, self.ready = gevent.event.Event(), gevent.event.Event()
+        self.last_closed: ConnectionClosed | None = None
+        self.last_session: SessionStarted | None = None
+
+    @property
+    def conn(self) -> AgentConnection | None:
+        return self.link.pump.conn if self.link is not None else None
+
+    def _connect_once(self) -> _Link:
+        with gevent.Timeout(self.config.hello_timeout, TimeoutError):
+            sock = gevent.socket.create_connection((self._host, self._port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:
+                sock = _tls(self._ssl, sock, server_hostname=self._host)
+        conn = AgentConnection(
+            self.url, token=self.token, instance_id=self.instance_id,
+            dispatch_auth=self._verifier, session=self.session, agent_type=self.agent_type,
+            capabilities=self.capabilities, config=self.config, now=_now(),
+            wall_clock=time.time, allow_insecure_loopback=self._insecure,
+        )
+        self.ready.clear()
+        self.link = _Link(conn, sock, self._on_event)
+        self.link.start()
+        return self.link
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, DispatchReceived):
+            self._start_handler(event)
+        elif isinstance(event, DispatchCancelled):
+            running = self._handlers.get(event.dispatch_id)
+            if running is not None:
+                running[1].cancelled = True
+                self._cancel_reasons[event.dispatch_id] = event.reason
+                running[0].kill(block=False)  # GreenletExit in the handler, even before it runs
+        elif isinstance(event, SessionStarted):
+            self.last_session = event
+            self.ready.set()
+        elif isinstance(event, ConnectionClosed):
+            self.last_closed = event
+
+    def _start_handler(self, event: DispatchReceived) -> None:
+        capability, refusal = self.resolve(event)
+        if capability is None or self.conn is None:
+            code, message = refusal or ("INTERNAL", "no connection")
+            self._answer(event.dispatch_id, "send_error", code, message)
+            return
+        dispatch_id = event.dispatch_id
+        context = make_context(event, lambda data: self._answer(dispatch_id, "send_chunk", data))
+        greenlet = gevent.spawn(self._run_handler, capability.handler, event, context)
+        self._handlers[dispatch_id] = (greenlet, context)
+        greenlet.rawlink(lambda _: self._handler_ended(dispatch_id))
+
+    def _run_handler(self, handler: Callable[..., Any], event: DispatchReceived,
+                     context: DispatchContext) -> None:
+        self.handler_runs += 1
+        try:
+            result = handler(event.arguments, context)
+        except Exception as exc:  # a handler failure is the dispatch's failure, not ours
+            self._answer(event.dispatch_id, "send_error", *handler_outcome(exc))
+        else:
+            self._answer(event.dispatch_id, "send_result", result)
+
+    def _handler_ended(self, dispatch_id: str) -> None:
+        """Answer a dispatch its handler left unanswered (killed); a no-op once answered."""
+        self._handlers.pop(dispatch_id, None)
+        reason = self._cancel_reasons.pop(dispatch_id, None)
+        if reason is not None:
+            self._answer(dispatch_id, "send_cancelled")
+        else:
+            self._answer(dispatch_id, "send_error", "DISPATCH_FAILED", "handler gave no answer")
+
+    def _answer(self, dispatch_id: str, method: str, *args: Any) -> None:
+        """Send through the current connection (or the session outbox while down)."""
+        link = self.link
+        if link is None:
+            return
+        with contextlib.suppress(Exception):  # a dispatch that already ended is not an error
+            getattr(link.pump.conn, method)(dispatch_id, *args)
+        link.pump.service()
+
+    def connections(self) -> Iterator[AgentConnection]:
+        """Yield each established connection; reconnect by the core's backoff and retry (spec 5)."""
+        while not self._stopping:
+            retry: RetryDecision
+            try:
+                link = self._connect_once()
+                gevent.wait([link.done, self.ready], count=1)
+                if self.ready.is_set():
+                    yield link.pump.conn
+                link.done.wait()
+                closed = self.last_closed
+                retry = closed.retry if closed is not None else RetryDecision.RETRY
+                if retry is RetryDecision.FINAL and not self._stopping and closed is not None:
+                    raise closed.error or DispatchError("", "CONNECTION_CLOSED", closed.reason)
+            except (TimeoutError, OSError):
+                retry = RetryDecision.RETRY
+            if self._stopping:
+                return
+            if retry is RetryDecision.REFRESH_TOKEN_THEN_RETRY and self._token_provider:
+                self.token = self._token_provider()
+                self.session.token_refreshed = True
+            self._stop_event.wait(self.session.next_delay())  # stop() cuts the backoff short
+
+    def _run_connections(self) -> None:
+        try:
+            for _ in self.connections():
+                pass
+        except Exception as exc:  # a final refusal, raised by run() and wait_ready()
+            self._final_error = exc
+
+    def start(self) -> Agent:
+        """Spawn the connection greenlet in this thread's hub and return at once."""
+        if self._runner is None:
+            self._hub = gevent.get_hub()
+            self._runner = gevent.spawn(self._run_connections)
+        return self
+
+    @_owned
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until a welcome is seen; raise the final refusal, or TimeoutError."""
+        if self._runner is None:
+            raise LocalProtocolError("call start() first")
+        gevent.wait([self.ready, self._runner], timeout=timeout, count=1)
+        if self.ready.is_set():
+            return True
+        if self._final_error is not None:
+            raise self._final_error
+        raise TimeoutError(f"agent {self.instance_id} not ready after {timeout} s")
+
+    @_owned
+    def run(self) -> None:
+        """Keep the agent connected until `stop()`; raise a final refusal."""
+        self.start()._runner.join()  # type: ignore[union-attr]
+        if self._final_error is not None:
+            raise self._final_error
+
+    @_owned
+    def stop(self, grace: float | None = None) -> None:
+        """close_request (spec 3): finish in-flight work up to the grace, then close 1000."""
+        self._stopping = True
+        self._stop_event.set()
+        link, conn = self.link, self.conn
+        if link is not None and conn is not None and not conn.closed:
+            with contextlib.suppress(Exception):
+                if conn.ready and conn.state.name == "READY":
+                    conn.close_request(None if grace is None else int(grace),
+                                       "agent stopping", now=_now())
+                else:
+                    conn.close(1000, "agent stopping", now=_now())
+            link.pump.service()
+            wait = self.config.close_grace if grace is None else grace
+            if not link.done.wait(wait + self.config.close_timeout + 1.0):
+                link.abort()
+        if self._runner is not None:
+            self._runner.kill(timeout=self.config.close_timeout)  # ends a dial in progress
+        if self.link is not None and self.link is not link:
+            self.link.abort()  # a connection the dial opened while we were closing
+
+    def __enter__(self) -> Agent:
+        self.start().wait_ready()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def connect(url: str, **options: Any) -> Agent:
+    """`with connect(url, ...) as agent:` (started and ready), or `agent.start()` yourself."""
+    return Agent(url, **options)
+
+
+class AgentLink:
+    """The mesh's handle on one connected agent: send dispatches, block on their outcome."""
+
+    def __init__(self, server: MeshServer, link: _Link) -> None:
+        self.server, self.link, self._hub = server, link, link._hub
+
+    @property
+    def conn(self) -> MeshConnection:
+        conn: MeshConnection = self.link.pump.conn
+        return conn
+
+    @property
+    def instance_id(self) -> str | None:
+        return self.conn.instance_id
+
+    @_owned
+    def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
+                 deadline_ms: int = 30_000,
+                 on_chunk: Callable[[Any], object] | None = None) -> Any:
+        """Send a dispatch and return its result; raise `DispatchError` on failure (spec 3)."""
+        outcome = gevent.event.AsyncResult()
+        dispatch_id = self.conn.send_dispatch(
+            capability, dict(arguments or {}), deadline_ms=deadline_ms, now=_now())
+        self.server.waiters.add(dispatch_id, outcome, on_chunk)
+        self.link.pump.service()
+        if self.link.queued > WRITE_BUFFER_LIMIT // 4:
+            self.link.flushed.wait(deadline_ms / 1000)  # backpressure, not memory growth
+        try:
+            return outcome.get()  # the core's deadline or the resume window ends every wait
+        finally:
+            self.server.waiters.discard(dispatch_id)
+
+
+class MeshServer:
+    """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
+
+    `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
+    `sub`) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None.
+    `ssl_context` may be gevent's or the standard library's `SSLContext`.
+    """
+
+    def __init__(self, *, ssl_context: ssl.SSLContext | None,
+                 verify_token: Callable[[str], Any],
+                 lookup_instance: Callable[[str], InstanceRecord | None],
+                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
+                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
+                 backlog: int = 4096) -> None:
+        self.config = config or Config()
+        self._ssl = ssl_context
+        self._verify_token, self._lookup = verify_token, lookup_instance
+        self._mint = dispatch_auth
+        self.store = resume_store or ResumeStore(window=self.config.resume_window)
+        self.max_connections, self.backlog = max_connections, backlog
+        self.waiters = MeshWaiters()
+        self.agents: dict[str, AgentLink] = {}
+        self.links: set[_Link] = set()
+        self._agents_changed, self._closed = gevent.event.Event(), gevent.event.Event()
+        self._hub: Any = None
+        self._server: StreamServer | None = None
+        self._store_timer: _Timer | None = None
+        self.on_event: Callable[[AgentLink, Event], None] | None = None
+
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen (large backlog, for reconnect storms) and accept in this thread's hub.
+
+        Past `max_connections`, new connections wait in the backlog until one ends."""
+        self._hub = gevent.get_hub()
+        self._store_timer = _Timer(self._expire_store)
+        self._server = StreamServer((host, port), self._serve, backlog=self.backlog,
+                                    spawn=Pool(self.max_connections))
+        self._server.start()
+        address = self._server.socket.getsockname()
+        return address[0], address[1]
+
+    @_owned
+    def serve_forever(self) -> None:
+        """Block until `close()` has finished (keeps this thread's hub running)."""
+        self._closed.wait()
+
+    def _serve(self, sock: Any, address: object) -> None:
+        link: _Link | None = None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:
+                with gevent.Timeout(self.config.hello_timeout, TimeoutError):
+                    sock = _tls(self._ssl, sock)
+            conn = MeshConnection(dispatch_auth=self._mint, now=_now(), wall_clock=time.time,
+                                  config=self.config, resume_store=self.store,
+                                  verify_token=self._verify_token)
+            handle: list[AgentLink] = []
+            link = _Link(conn, sock, lambda event: self._on_event(handle[0], event))
+            handle.append(AgentLink(self, link))
+            self.links.add(link)
+            link.start()
+            link.done.wait()
+        except (OSError, TimeoutError):
+            _close(sock)  # a failed TLS handshake: nothing reached the core yet
+        finally:
+            if link is not None:
+                self.links.discard(link)
+
+    def _on_event(self, agent: AgentLink, event: Event) -> None:
+        conn = agent.conn
+        if isinstance(event, UpgradeRequest):
+            decision = check_upgrade(event.request, verify_token=self._verify_token,
+                                     lookup_instance=self._lookup)
+            if isinstance(decision, Accept):
+                record = self._lookup(decision.instance_id)
+                conn.accept(decision, agent_type=record.agent_type if record else None,
+                            now=_now())
+            else:
+                conn.reject(decision, now=_now())
+        elif isinstance(event, SessionStarted):
+            self.agents[event.instance_id] = agent
+            self._notify_agents()
+        elif isinstance(event, ConnectionClosed):
+            if conn.instance_id and self.agents.get(conn.instance_id) is agent:
+                del self.agents[conn.instance_id]
+            self._arm_store_timer()
+        elif not self.waiters.dispatch_event(event) and self.on_event is not None:
+            self.on_event(agent, event)
+
+    def _notify_agents(self) -> None:
+        changed, self._agents_changed = self._agents_changed, gevent.event.Event()
+        changed.set()  # wakes every current waiter; later ones wait on the fresh event
+
+    @_owned
+    def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> AgentLink:
+        """The handle of `instance_id` once its session started; TimeoutError otherwise."""
+        with gevent.Timeout(timeout, TimeoutError(f"{instance_id} did not connect in time")):
+            while (agent := self.agents.get(instance_id)) is None:
+                self._agents_changed.wait()
+            return agent
+
+    @_owned
+    def dispatch(self, instance_id: str, capability: str,
+                 arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        agent = self.agents.get(instance_id)
+        if agent is None or not agent.conn.accepting_dispatches:
+            raise DispatchError("", "AGENT_UNAVAILABLE", f"{instance_id} is not connected")
+        return agent.dispatch(capability, arguments, **options)
+
+    def _arm_store_timer(self) -> None:
+        if self._store_timer is not None:
+            self._store_timer.arm(None if self._closed.is_set() else self.store.next_deadline())
+
+    def _expire_store(self) -> None:
+        for event in held_failures(self.store.expire(_now())):
+            self.waiters.dispatch_event(event)
+        self._arm_store_timer()
+
+    @_owned
+    def close(self, grace: float | None = None) -> None:
+        """Shutdown (spec 3, 4): close_request to every agent, wait the grace, 1001 the rest."""
+        if self._server is not None:
+            self._server.close()  # stop accepting; the connections drain below
+        grace = self.config.close_grace if grace is None else grace
+        for link in list(self.links):
+            with contextlib.suppress(Exception):
+                link.pump.conn.close_request(int(grace), "mesh shutting down", now=_now())
+            link.pump.service()
+        gevent.wait([link.done for link in self.links], timeout=grace + self.config.close_timeout)
+        for link in list(self.links):
+            with contextlib.suppress(Exception):
+                link.pump.conn.close(1001, "mesh shutting down", now=_now())
+            link.pump.service()
+            link.abort()
+        self._closed.set()
+        self._arm_store_timer()  # stops it
+        self.waiters.fail_all("AGENT_DISCONNECTED", "mesh shut down")
