@@ -161,6 +161,13 @@ class _Connection:
         and `next_deadline()`. Never raises on bad input from the peer."""
         if self._transport_closed or not data:
             return
+        deadline = self.next_deadline()
+        if deadline is not None and deadline <= now:
+            # Time order: a deadline that passed before these bytes were read fires first,
+            # so a result read after its dispatch's deadline loses to the timeout.
+            self.handle_timer(now)
+            if self._transport_closed:
+                return
         self._last_received = now
         self._now = max(self._now, now)
         self._feed(data, now)

@@ -666,3 +666,24 @@ def test_send_cancelled_answers_with_the_reason_of_the_cancel() -> None:
     assert pair.mesh.stats.late_terminal_frames == 1  # the mesh had already given up
     assert pair.session.finished[first].payload.code == "DEADLINE_EXCEEDED"
     assert pair.mesh_events_of(DispatchFailed) == []
+
+
+def test_a_result_read_after_the_deadline_loses_to_the_timeout() -> None:
+    """Overdue timers run before new input, whatever the adapter's scheduling did."""
+    from svantic_proto import DispatchCompleted, DispatchTimedOut
+    from svantic_proto.testing import Pair
+
+    pair = Pair()
+    pair.connect()
+    dispatch_id = pair.mesh.send_dispatch("job", deadline_ms=1000, now=pair.clock.now)
+    pair.pump()
+    pair.agent.send_result(dispatch_id, "late")
+    late = pair.agent.data_to_send()
+    pair.clock.advance(1.5)  # the mesh's timer did not fire before the bytes were read
+    for chunk in late:
+        pair.mesh.receive_data(chunk, pair.clock.now)
+    events = pair.mesh.events_received()
+    assert [type(e) for e in events if isinstance(e, DispatchTimedOut | DispatchCompleted)] == [
+        DispatchTimedOut
+    ]
+    assert pair.mesh.stats.late_terminal_frames == 1

@@ -1,0 +1,689 @@
+"""svantic.v1 over anyio (asyncio or trio backend): an agent client and a mesh server.
+
+The same public shape as `svantic_adapters.asyncio`. Every protocol decision is
+the core's; this module reads and writes bytes, keeps one timer per connection
+at the core's `next_deadline()` (a task asleep in a cancel scope whose deadline
+moves: no polling), and runs handlers in task groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import math
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import anyio
+from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
+from anyio.streams.tls import TLSListener
+
+from svantic_proto import (
+    AgentConnection,
+    AgentSession,
+    AgentState,
+    Config,
+    DispatchAuthVerifier,
+    InstanceRecord,
+    LocalProtocolError,
+    MeshConnection,
+    ResumeStore,
+    RetryDecision,
+    SvanticError,
+    check_upgrade,
+    held_failures,
+)
+from svantic_proto.events import (
+    ConnectionClosed,
+    DispatchCancelled,
+    DispatchReceived,
+    Event,
+    SessionStarted,
+    UpgradeRequest,
+)
+from svantic_proto.handshake import Reject
+from svantic_proto.mesh import MintDispatchAuth
+
+from ._pump import Pump
+from ._runtime import (
+    CapabilityRegistry,
+    DispatchContext,
+    DispatchError,
+    HandlerError,
+    MeshWaiters,
+    client_ssl_context,
+    handler_outcome,
+    make_context,
+)
+
+__all__ = [
+    "Agent",
+    "AgentLink",
+    "DispatchContext",
+    "DispatchError",
+    "HandlerError",
+    "MeshServer",
+    "connect",
+]
+
+log = logging.getLogger(__name__)
+READ_SIZE = 65536
+WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
+"""Bytes queued for a peer that does not read before we give up on it (slow reader)."""
+
+
+class _Waiter:
+    """One dispatch outcome for `MeshWaiters` (which settles it once), over an anyio.Event."""
+
+    def __init__(self) -> None:
+        self.settled = anyio.Event()
+        self.outcome: tuple[Any, BaseException | None] = (None, None)
+
+    def set_result(self, value: Any) -> None:
+        self.outcome = (value, None)
+        self.settled.set()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.outcome = (None, exc)
+        self.settled.set()
+
+
+class _Timer:
+    """One re-armable timer: a task asleep in a cancel scope whose deadline `arm()` moves."""
+
+    def __init__(self, fire: Callable[[float], None]) -> None:
+        self._fire = fire
+        self.deadline: float | None = None
+        self._scope = anyio.CancelScope()
+        self._closed = False
+
+    def arm(self, deadline: float | None) -> None:
+        self.deadline = deadline
+        self._scope.deadline = math.inf if deadline is None else deadline
+
+    def close(self) -> None:
+        self._closed = True
+        self._scope.cancel()
+
+    def fire_if_due(self) -> None:
+        """Run a deadline that has passed; the reader calls it first, as it came first."""
+        now = anyio.current_time()
+        if not self._closed and self.deadline is not None and now >= self.deadline:
+            self.deadline = None
+            self._fire(now)  # which re-arms through arm()
+
+    async def run(self) -> None:
+        while not self._closed:
+            self._scope = anyio.CancelScope(
+                deadline=math.inf if self.deadline is None else self.deadline)
+            with self._scope:
+                await anyio.sleep_forever()
+            self.fire_if_due()
+
+
+class _Link:
+    """One byte stream and one core connection, driven by a `Pump`.
+
+    A reader task feeds the core; a writer task sends the pump's batches in
+    order, then closes the stream; a timer task serves `next_deadline()`.
+    """
+
+    def __init__(self, conn: Any, stream: ByteStream, on_event: Callable[[Event], None],
+                 close_timeout: float) -> None:
+        self.stream, self._close_timeout = stream, close_timeout
+        self._timer = _Timer(lambda now: self._drive(self.pump.timer))
+        self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
+                         arm_timer=self._timer.arm)
+        self.settled = anyio.Event()
+        """Set by the owner once the session started, and when the link ends."""
+        self.done = anyio.Event()
+        self.queued = 0
+        self._outgoing, self._to_send = anyio.create_memory_object_stream[bytes](math.inf)
+        self._progress = anyio.Event()
+        self._closing = False
+        self._send_scope = anyio.CancelScope()
+
+    def _write(self, chunks: list[bytes]) -> None:
+        if not self._closing:  # after the core's close (or an abort) nothing more goes out
+            data = b"".join(chunks)  # one write per pump pass
+            self.queued += len(data)
+            self._outgoing.send_nowait(data)
+            if self.queued > WRITE_BUFFER_LIMIT:
+                self.abort()  # the peer stopped reading: do not grow memory without limit
+
+    def _close(self) -> None:
+        """The core said close: flush what is queued (for at most close_timeout), then close."""
+        if not self._closing:
+            self._closing = True
+            self._send_scope.deadline = anyio.current_time() + self._close_timeout
+            self._outgoing.close()
+        self._timer.close()
+
+    def abort(self) -> None:
+        """Drop TCP at once, without a close frame, as a network fault would."""
+        raw = self.stream.extra(SocketAttribute.raw_socket, None)
+        with contextlib.suppress(OSError):
+            if raw is not None:
+                raw.shutdown(socket.SHUT_RDWR)
+        self._close()
+        self._send_scope.cancel()
+
+    def service(self) -> None:
+        self.pump.service()
+
+    def _drive(self, step: Callable[..., None], *data: bytes) -> None:
+        try:
+            step(*data, anyio.current_time())
+        except Exception:  # a failing callback drops this connection, not its neighbours
+            log.exception("dropping the connection")
+            self.abort()
+
+    async def drain(self, limit: int) -> None:
+        """Wait while more than `limit` bytes are queued: backpressure instead of memory."""
+        while self.queued > limit and not self._closing:
+            await self._progress.wait()
+
+    async def _write_loop(self) -> None:
+        try:
+            with self._send_scope, self._to_send:
+                async for data in self._to_send:
+                    await self.stream.send(data)
+                    self.queued -= len(data)
+                    self._progress.set()
+                    self._progress = anyio.Event()
+        except Exception:  # the transport broke: the reader sees the end as well
+            pass
+        finally:
+            self._closing = True
+            self._outgoing.close()
+            self._progress.set()
+            await anyio.aclose_forcefully(self.stream)
+
+    async def run(self) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._timer.run)
+                group.start_soon(self._write_loop)
+                while not self.pump.closed:
+                    try:
+                        data = await self.stream.receive(READ_SIZE)
+                    except Exception:  # EOF, reset, TLS failure, closed by the writer: the end
+                        break
+                    self._timer.fire_if_due()  # a deadline that passed came before this input
+                    self._drive(self.pump.feed, data)
+                if not self.pump.closed:
+                    self._drive(self.pump.eof)
+                self._close()
+        finally:
+            self.settled.set()
+            self.done.set()
+
+
+class Agent(CapabilityRegistry):
+    """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
+
+    `async with connect(...) as agent` returns once the first welcome is seen and
+    keeps the agent connected from its own task group; `await agent.run()` stays
+    connected until `stop()` or a final refusal (raised as the typed
+    `HandshakeRejected`). `async for conn in agent.connections()` yields each
+    connection as python-websockets' `connect` does; it holds its task group
+    across yields, so iterate it in one task and end it with `stop()` (or inside
+    `contextlib.aclosing`). `ready` is an `anyio.Event` set while a session is
+    up, replaced by a fresh one when it ends: read the attribute when you wait.
+    """
+
+    def __init__(self, url: str, *, token: str, instance_id: str,
+                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
+                 config: Config | None = None, session: AgentSession | None = None,
+                 token_provider: Callable[[], Awaitable[str]] | None = None,
+                 allow_insecure_loopback: bool = False) -> None:
+        super().__init__()
+        self.url, self.token, self.instance_id = url, token, instance_id
+        self.agent_type = agent_type
+        self.config = config or Config()
+        self.session = session or AgentSession(self.config)
+        self._verifier = dispatch_auth
+        self._token_provider = token_provider
+        self._insecure = allow_insecure_loopback
+        parts = urlsplit(url)
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if parts.scheme == "wss" else 80)
+        self._ssl = client_ssl_context(ssl_context, cafile) if parts.scheme == "wss" else None
+        self.link: _Link | None = None
+        self._handlers: dict[str, anyio.CancelScope] = {}
+        self._stopping = False
+        self._stop_requested = anyio.Event()
+        self._dial_scope = anyio.CancelScope()
+        self._group: TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._finished: anyio.Event | None = None
+        self._error: Exception | None = None
+        self.ready = anyio.Event()
+        self.handler_runs = 0
+        self.last_closed: ConnectionClosed | None = None
+        self.last_started: SessionStarted | None = None
+
+    @property
+    def conn(self) -> AgentConnection | None:
+        return self.link.pump.conn if self.link is not None else None
+
+    async def _connect_once(self) -> _Link | None:
+        stream: ByteStream | None = None
+        with anyio.CancelScope() as self._dial_scope, anyio.fail_after(self.config.hello_timeout):
+            if self._ssl is None:
+                stream = await anyio.connect_tcp(self._host, self._port)
+            else:  # TLS close without close_notify: a closing read would race the reader task
+                stream = await anyio.connect_tcp(self._host, self._port, ssl_context=self._ssl,
+                                                 tls_hostname=self._host,
+                                                 tls_standard_compatible=False)
+        if stream is None or self._stopping:  # stop() cancelled the dial
+            return None
+        conn = AgentConnection(
+            self.url, token=self.token, instance_id=self.instance_id,
+            dispatch_auth=self._verifier, session=self.session, agent_type=self.agent_type,
+            capabilities=self.capabilities, config=self.config, now=anyio.current_time(),
+            wall_clock=time.time, allow_insecure_loopback=self._insecure,
+        )
+        self.last_closed = None
+        self.link = link = _Link(conn, stream, self._on_event, self.config.close_timeout)
+        link.service()
+        return link
+
+    def _on_event(self, event: Event) -> None:
+        if isinstance(event, DispatchReceived):
+            self._start_handler(event)
+        elif isinstance(event, DispatchCancelled):
+            scope = self._handlers.get(event.dispatch_id)
+            if scope is not None:
+                scope.cancel()
+        elif isinstance(event, SessionStarted):
+            self.last_started = event
+            self.ready.set()
+            if self.link is not None:
+                self.link.settled.set()
+        elif isinstance(event, ConnectionClosed):
+            self.last_closed = event
+            if self.ready.is_set():
+                self.ready = anyio.Event()
+
+    def _start_handler(self, event: DispatchReceived) -> None:
+        capability, refusal = self.resolve(event)
+        if capability is None or self._group is None:
+            code, message = refusal or ("INTERNAL", "the agent is not running")
+            self._answer(event.dispatch_id, "send_error", code, message)
+            return
+        dispatch_id = event.dispatch_id
+        context = make_context(event, lambda data: self._answer(dispatch_id, "send_chunk", data))
+        scope = anyio.CancelScope()  # made now, so a cancel before the task starts still counts
+        self._handlers[dispatch_id] = scope
+        self._group.start_soon(self._run_handler, capability.handler, event, context, scope)
+
+    async def _run_handler(self, handler: Callable[..., Any], event: DispatchReceived,
+                           context: DispatchContext, scope: anyio.CancelScope) -> None:
+        self.handler_runs += 1
+        dispatch_id = event.dispatch_id
+        try:
+            with scope:
+                try:
+                    result = handler(event.arguments, context)
+                    if inspect.isawaitable(result):
+                        result = await result
+                except Exception as exc:  # a handler failure is the dispatch's failure
+                    code, message, detail = handler_outcome(exc)
+                    self._answer(dispatch_id, "send_error", code, message, detail)
+                else:
+                    self._answer(dispatch_id, "send_result", result)
+            if scope.cancelled_caught:
+                context.cancelled = True
+                self._answer(dispatch_id, "send_cancelled")
+        finally:
+            self._handlers.pop(dispatch_id, None)
+
+    def _answer(self, dispatch_id: str, method: str, *args: Any) -> None:
+        """Send through the current connection (or the session outbox while down)."""
+        link = self.link
+        if link is None:
+            return
+        with contextlib.suppress(Exception):  # a dispatch that already ended is not an error
+            getattr(link.pump.conn, method)(dispatch_id, *args)
+        link.service()
+
+    def refresh_token(self, token: str) -> bool:
+        """Use a fresh transport JWT: now through `token_refresh`, and for every reconnect.
+
+        Returns False when the mesh does not know the extension; the new token is
+        then used at the next reconnect (spec 3).
+        """
+        self.token = token
+        link, conn = self.link, self.conn
+        if link is None or conn is None:
+            return False
+        sent = conn.refresh_token(token)
+        link.service()
+        return sent
+
+    @contextlib.asynccontextmanager
+    async def _task_group(self) -> AsyncIterator[TaskGroup]:
+        if self._group is not None:
+            raise LocalProtocolError("this agent is already running")
+        async with anyio.create_task_group() as group:
+            self._group = group
+            try:
+                yield group
+            finally:
+                self._group = None
+                group.cancel_scope.cancel()  # handlers outliving stop() end with the agent
+
+    async def _dial(self, group: TaskGroup) -> AsyncIterator[AgentConnection]:
+        """The reconnect loop, with the core's backoff and retry decisions (spec 5)."""
+        while not self._stopping:
+            retry = RetryDecision.RETRY
+            try:
+                link = await self._connect_once()
+            except (TimeoutError, OSError, ssl.SSLError, anyio.BrokenResourceError):
+                link = None
+            if link is not None:
+                group.start_soon(link.run)
+                await link.settled.wait()
+                if link.pump.conn.connection_id is not None:  # a welcome was seen
+                    yield link.pump.conn
+                await link.done.wait()
+                closed = self.last_closed
+                retry = closed.retry if closed is not None else RetryDecision.RETRY
+                if retry is RetryDecision.FINAL and not self._stopping and closed is not None:
+                    raise closed.error or DispatchError("", "CONNECTION_CLOSED", closed.reason)
+            if self._stopping:
+                return
+            if retry is RetryDecision.REFRESH_TOKEN_THEN_RETRY and self._token_provider:
+                self.token = await self._token_provider()
+                self.session.token_refreshed = True
+            with anyio.move_on_after(self.session.next_delay()):
+                await self._stop_requested.wait()
+
+    async def connections(self) -> AsyncIterator[AgentConnection]:
+        """Yield each established connection; reconnect with the core's backoff and retry rules."""
+        async with self._task_group() as group:
+            async for conn in self._dial(group):
+                yield conn
+
+    async def _runner(self, group: TaskGroup, first: anyio.Event, finished: anyio.Event) -> None:
+        try:
+            async for _ in self._dial(group):
+                first.set()
+        except Exception as exc:  # a final refusal: raised by __aenter__ or run()
+            self._error = exc
+        finally:
+            first.set()
+            finished.set()
+
+    async def run(self) -> None:
+        """Stay connected until `stop()`; raise a final refusal (spec 5)."""
+        if self._finished is None:
+            async with self:
+                await self.run()
+            return
+        await self._finished.wait()
+        if self._error is not None:
+            raise self._error
+
+    async def __aenter__(self) -> Agent:
+        self._stack, self._error = contextlib.AsyncExitStack(), None
+        group = await self._stack.enter_async_context(self._task_group())
+        first, self._finished = anyio.Event(), anyio.Event()
+        group.start_soon(self._runner, group, first, self._finished)
+        await first.wait()
+        if self._error is not None:
+            await self._exit_group()
+            raise self._error
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.stop()
+        finally:
+            await self._exit_group()
+
+    async def _exit_group(self) -> None:
+        stack, self._stack, self._finished = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """close_request: finish in-flight work (up to the grace), then close 1000."""
+        self._stopping = True
+        self._stop_requested.set()
+        self._dial_scope.cancel()
+        link, conn = self.link, self.conn
+        if link is not None and conn is not None and not conn.closed:
+            now = anyio.current_time()
+            with contextlib.suppress(SvanticError):
+                if conn.state is AgentState.READY:
+                    conn.close_request(None if grace is None else int(grace),
+                                       "agent stopping", now=now)
+                else:
+                    conn.close(1000, "agent stopping", now=now)
+            link.service()
+            await link.done.wait()
+        if self._finished is not None:
+            await self._finished.wait()
+
+
+def connect(url: str, **options: Any) -> Agent:
+    """`async with connect(url, ...) as agent:`, or `async for conn in agent.connections()`."""
+    return Agent(url, **options)
+
+
+class AgentLink:
+    """The mesh's handle on one connected agent: send dispatches, await their outcome."""
+
+    def __init__(self, server: MeshServer, link: _Link) -> None:
+        self.server, self.link = server, link
+
+    @property
+    def conn(self) -> MeshConnection:
+        conn: MeshConnection = self.link.pump.conn
+        return conn
+
+    @property
+    def instance_id(self) -> str | None:
+        return self.conn.instance_id
+
+    async def wait_closed(self) -> None:
+        """Until this agent's connection has ended."""
+        await self.link.done.wait()
+
+    async def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
+                       deadline_ms: int = 30_000,
+                       on_chunk: Callable[[Any], object] | None = None) -> Any:
+        """Send a dispatch and return its result; raise `DispatchError` on failure."""
+        waiter = _Waiter()
+        dispatch_id = self.conn.send_dispatch(
+            capability, dict(arguments or {}), deadline_ms=deadline_ms, now=anyio.current_time())
+        self.server.waiters.add(dispatch_id, waiter, on_chunk)
+        self.link.service()
+        try:
+            await self.link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure for callers
+            await waiter.settled.wait()
+        finally:
+            self.server.waiters.discard(dispatch_id)
+        result, error = waiter.outcome
+        if error is not None:
+            raise error
+        return result
+
+
+class MeshServer:
+    """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
+
+    `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
+    `sub`) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None.
+    Its tasks need a task group: `async with server:` opens one around `start()`
+    and `close()`. Without it, `start()` opens one that `close()` ends, so then
+    call `close()` in the same task and block as `start()`.
+    """
+
+    def __init__(self, *, ssl_context: ssl.SSLContext | None,
+                 verify_token: Callable[[str], Any],
+                 lookup_instance: Callable[[str], InstanceRecord | None],
+                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
+                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
+                 backlog: int = 4096) -> None:
+        self.config = config or Config()
+        self._ssl = ssl_context
+        self._verify_token, self._lookup = verify_token, lookup_instance
+        self._mint = dispatch_auth
+        self.store = resume_store or ResumeStore(window=self.config.resume_window)
+        self.max_connections, self.backlog = max_connections, backlog
+        self.waiters = MeshWaiters()
+        self.agents: dict[str, AgentLink] = {}
+        self.links: set[_Link] = set()
+        self.on_event: Callable[[AgentLink, Event], None] | None = None
+        self._agent_arrived = anyio.Event()
+        self._store_timer = _Timer(self._expire_store)
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._group: TaskGroup | None = None
+        self._entered = self._started = self._closed = False
+        self._accepting = anyio.CancelScope()
+
+    async def _open_group(self) -> TaskGroup:
+        self._stack = contextlib.AsyncExitStack()
+        self._group = group = await self._stack.enter_async_context(anyio.create_task_group())
+        self._stack.callback(group.cancel_scope.cancel)  # whatever still runs at the exit
+        return group
+
+    async def _exit_group(self) -> None:
+        stack, self._stack, self._group = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def __aenter__(self) -> MeshServer:
+        await self._open_group()
+        self._entered = True
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        try:
+            await self.close()
+        finally:
+            await self._exit_group()
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        if self._started:
+            raise LocalProtocolError("a MeshServer starts once")
+        tcp = await anyio.create_tcp_listener(local_host=host, local_port=port,
+                                              backlog=self.backlog)
+        listener: Listener[Any] = tcp if self._ssl is None else TLSListener(
+            tcp, self._ssl, standard_compatible=False, handshake_timeout=self.config.hello_timeout)
+        group = self._group or await self._open_group()
+        self._started = True
+        group.start_soon(self._accept, listener, group)
+        group.start_soon(self._store_timer.run)
+        address = tcp.extra(SocketAttribute.local_address)
+        return str(address[0]), tcp.extra(SocketAttribute.local_port)
+
+    async def _accept(self, listener: Listener[Any], group: TaskGroup) -> None:
+        with self._accepting:
+            async with listener:  # closed when close() cancels accepting
+                while True:
+                    try:
+                        await listener.serve(self._serve, group)
+                    except* OSError:  # e.g. out of file descriptors
+                        log.exception("accept failed")
+                    await anyio.sleep(0.1)  # pause before accepting again, as asyncio does
+
+    async def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> AgentLink:
+        with anyio.fail_after(timeout):
+            while instance_id not in self.agents:
+                await self._agent_arrived.wait()
+        return self.agents[instance_id]
+
+    async def dispatch(self, instance_id: str, capability: str,
+                       arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
+        agent = self.agents.get(instance_id)
+        if agent is None or not agent.conn.accepting_dispatches:
+            raise DispatchError("", "AGENT_UNAVAILABLE", f"{instance_id} is not connected")
+        return await agent.dispatch(capability, arguments, **options)
+
+    async def _serve(self, stream: ByteStream) -> None:
+        if len(self.links) >= self.max_connections:
+            await anyio.aclose_forcefully(stream)
+            return
+        conn = MeshConnection(dispatch_auth=self._mint, now=anyio.current_time(),
+                              wall_clock=time.time, config=self.config,
+                              resume_store=self.store, verify_token=self._verify_token)
+        link = _Link(conn, stream, lambda event: self._on_event(agent, event),
+                     self.config.close_timeout)
+        agent = AgentLink(self, link)
+        self.links.add(link)
+        try:
+            link.service()
+            await link.run()
+        finally:
+            self.links.discard(link)
+
+    def _on_event(self, agent: AgentLink, event: Event) -> None:
+        conn, now = agent.conn, anyio.current_time()
+        if isinstance(event, UpgradeRequest):
+            try:
+                decision = check_upgrade(event.request, verify_token=self._verify_token,
+                                         lookup_instance=self._lookup)
+                if isinstance(decision, Reject):
+                    conn.reject(decision, now=now)
+                else:
+                    record = self._lookup(decision.instance_id)
+                    conn.accept(decision, agent_type=record.agent_type if record else None,
+                                now=now)
+            except Exception:  # e.g. the instance registry is down: that is no rejection
+                log.exception("upgrade check failed")
+                conn.close(1011, "upgrade check failed", now=now)
+        elif isinstance(event, SessionStarted):
+            self.agents[event.instance_id] = agent
+            arrived, self._agent_arrived = self._agent_arrived, anyio.Event()
+            arrived.set()
+        elif isinstance(event, ConnectionClosed):
+            if conn.instance_id and self.agents.get(conn.instance_id) is agent:
+                del self.agents[conn.instance_id]
+            self._store_timer.arm(self.store.next_deadline())
+        else:
+            self.waiters.dispatch_event(event)
+        if self.on_event is not None:  # every event, for metrics and the application
+            try:
+                self.on_event(agent, event)
+            except Exception:  # an application callback must not take the server down
+                log.exception("on_event failed")
+
+    def _expire_store(self, now: float) -> None:
+        for event in held_failures(self.store.expire(now)):
+            self.waiters.dispatch_event(event)
+        self._store_timer.arm(self.store.next_deadline())
+
+    async def close(self, grace: float | None = None) -> None:
+        """Graceful shutdown: close_request to every agent, wait the grace, 1001 for the rest."""
+        if not self._started or self._closed:
+            return
+        self._closed = True
+        self._accepting.cancel()
+        grace = self.config.close_grace if grace is None else grace
+        for link in list(self.links):
+            with contextlib.suppress(SvanticError):
+                link.pump.conn.close_request(int(grace), "mesh shutting down",
+                                             now=anyio.current_time())
+            link.service()
+        with anyio.move_on_after(grace + self.config.close_timeout):
+            for link in list(self.links):
+                await link.done.wait()
+        for link in list(self.links):
+            with contextlib.suppress(SvanticError):
+                link.pump.conn.close(1001, "mesh shutting down", now=anyio.current_time())
+            link.service()
+            link.abort()
+        self._store_timer.close()
+        self.waiters.fail_all("AGENT_DISCONNECTED", "mesh shut down")
+        if not self._entered:
+            await self._exit_group()
