@@ -23,7 +23,7 @@ from svantic_proto.events import (
     Event,
 )
 from svantic_proto.frames import SessionContext
-from svantic_proto.trace import SessionTraceContext
+from svantic_proto.trace import SessionTraceContext, trace_context_from_headers
 
 __all__ = [
     "Capability",
@@ -79,9 +79,19 @@ class DispatchContext:
     deadline_ms: int
     task_id: str | None
     session_context: SessionContext | None
-    trace: SessionTraceContext
     send_chunk: Callable[[Any], object] = field(repr=False, default=lambda data: None)
     cancelled: bool = False
+    _trace: SessionTraceContext | None = field(default=None, repr=False)
+
+    @property
+    def trace(self) -> SessionTraceContext:
+        """`parent_trace_id`, `parent_span_id`, `baggage`: parsed on first use, then kept."""
+        if self._trace is None:
+            context = self.session_context
+            self._trace = trace_context_from_headers(
+                context.propagation_headers if context is not None else None
+            )
+        return self._trace
 
     def chunk(self, data: Any) -> None:
         """Stream one chunk to the caller (queued in the outbox while disconnected)."""
@@ -148,7 +158,6 @@ def make_context(event: DispatchReceived, send_chunk: Callable[[Any], object]) -
         deadline_ms=event.deadline_ms,
         task_id=event.task_id,
         session_context=event.session_context,
-        trace=event.trace,
         send_chunk=send_chunk,
     )
 

@@ -65,7 +65,6 @@ from .frames import (
 )
 from .handshake import ClientHandshake, HandshakeFailed, HandshakeRejected, build_upgrade_request
 from .states import AGENT_TRANSITIONS, AgentState
-from .trace import trace_context_from_headers
 
 __all__ = ["AgentConnection", "AgentSession"]
 
@@ -389,9 +388,6 @@ class AgentConnection(_Connection):
                 attempt=payload.attempt,
                 task_id=payload.task_id,
                 session_context=context,
-                trace=trace_context_from_headers(
-                    context.propagation_headers if context is not None else None
-                ),
             )
         )
 

@@ -15,7 +15,7 @@ from .backoff import RetryDecision
 from .errors import SvanticError
 from .frames import SessionContext
 from .handshake import UpgradeRequested
-from .trace import SessionTraceContext
+from .trace import SessionTraceContext, trace_context_from_headers
 
 __all__ = [
     "Event",
@@ -78,7 +78,18 @@ class DispatchReceived(Event):
     attempt: int
     task_id: str | None
     session_context: SessionContext | None
-    trace: SessionTraceContext
+
+    @property
+    def trace(self) -> SessionTraceContext:
+        """W3C trace context from `session_context.propagation_headers` (spec 3, 8).
+
+        Parsed when asked for: most handlers never read it, and parsing costs more
+        than the rest of a dispatch's bookkeeping.
+        """
+        context = self.session_context
+        return trace_context_from_headers(
+            context.propagation_headers if context is not None else None
+        )
 
 
 @dataclass(frozen=True, slots=True)
