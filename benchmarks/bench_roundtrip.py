@@ -67,7 +67,6 @@ import wsproto  # noqa: E402
 from wsproto.connection import Connection, ConnectionType  # noqa: E402
 from wsproto.events import TextMessage  # noqa: E402
 
-import svantic_proto.agent as agent_module  # noqa: E402
 from svantic_proto.codec import decode_frame, encode_frame  # noqa: E402
 from svantic_proto.config import Config  # noqa: E402
 from svantic_proto.events import DispatchCompleted, DispatchReceived  # noqa: E402
@@ -82,7 +81,6 @@ from svantic_proto.framing import Framing, TextReceived  # noqa: E402
 from svantic_proto.ids import IdFactory  # noqa: E402
 from svantic_proto.mesh import DispatchRoute  # noqa: E402
 from svantic_proto.testing import FakeClock, Pair  # noqa: E402
-from svantic_proto.trace import SessionTraceContext, trace_context_from_headers  # noqa: E402
 
 OVERHEAD_TARGET = 0.25
 """(ours - bare wsproto echo) / ours may be at most this."""
@@ -108,7 +106,6 @@ RESULT: dict[str, Any] = {
 DEADLINE_MS = 30_000
 STAMPS_PER_ROUND_TRIP = 2
 """`IdFactory.stamp()` calls: the dispatch's id and ts, the result's id and ts (a test counts)."""
-_NO_TRACE = trace_context_from_headers(None)
 
 Batch = Callable[[int], None]
 """Runs `n` round trips (or `n` times one component's share of a round trip)."""
@@ -211,30 +208,6 @@ def protocol_batch(pair: Pair) -> Batch:
     return run
 
 
-def _no_trace(headers: object) -> SessionTraceContext:
-    return _NO_TRACE
-
-
-def without_trace_parse(batch: Batch) -> Batch:
-    """The same round trips with the agent's trace-context parse replaced by a constant.
-
-    An ablation, to measure what parsing `propagation_headers` costs in situ; the core's
-    name is restored after every batch.
-    """
-    if not callable(getattr(agent_module, "trace_context_from_headers", None)):
-        raise RuntimeError("svantic_proto.agent no longer calls trace_context_from_headers")
-
-    def run(n: int) -> None:
-        original = agent_module.trace_context_from_headers
-        agent_module.trace_context_from_headers = _no_trace  # type: ignore[assignment]
-        try:
-            batch(n)
-        finally:
-            agent_module.trace_context_from_headers = original
-
-    return run
-
-
 # --- the baselines ----------------------------------------------------------------------------
 
 
@@ -291,7 +264,6 @@ def component_batches(recorded: Recorded) -> dict[str, Batch]:
     mint = pair.mint
     verifier = pair.verifier
     dispatch_id, reply_to = dispatch_frame.id, result_frame.in_reply_to
-    headers = SESSION_CONTEXT.propagation_headers
 
     def codec(n: int) -> None:
         # As `_send` does: encode to bytes, then to str for wsproto; decode from str.
@@ -334,13 +306,8 @@ def component_batches(recorded: Recorded) -> dict[str, Batch]:
                 dispatch_id=dispatch_id, capability=payload.capability,
                 arguments=payload.arguments, deadline_ms=payload.deadline_ms,
                 attempt=payload.attempt, task_id=payload.task_id, session_context=context,
-                trace=_NO_TRACE,
             )
             DispatchCompleted(dispatch_id, result_frame.payload.result)
-
-    def trace(n: int) -> None:
-        for _ in range(n):
-            trace_context_from_headers(headers)
 
     mesh, agent = pair.mesh, pair.agent
 
@@ -354,7 +321,6 @@ def component_batches(recorded: Recorded) -> dict[str, Batch]:
         f"ids and timestamps ({STAMPS_PER_ROUND_TRIP} stamps)": stamps,
         "frame Structs (build)": frames,
         "events (build)": events,
-        "trace context (parse headers)": trace,
         "timer polling (next_deadline on both)": polling,
     }
     if mint is not None and auth is not None:
@@ -395,7 +361,6 @@ def timed(batch: Batch, n: int) -> float:
 
 
 OURS = "ours (both machines)"
-OURS_NO_TRACE = "ours, trace-context parse stubbed"
 ECHO = "bare wsproto echo"
 FRAMING = "Framing echo"
 
@@ -419,7 +384,6 @@ def prepare(dispatch_auth: bool) -> Variant:
     recorded = record(dispatch_auth)
     batches: dict[str, Batch] = {
         OURS: protocol_batch(connected_pair(dispatch_auth)),
-        OURS_NO_TRACE: without_trace_parse(protocol_batch(connected_pair(dispatch_auth))),
         ECHO: wsproto_echo_batch(recorded.dispatch_text, recorded.result_text),
         FRAMING: framing_echo_batch(recorded.dispatch_text, recorded.result_text),
     }
@@ -532,7 +496,7 @@ def residual(variant: Variant) -> float:
     return paired_median(variant, lambda r: r[OURS] - sum(r[name] for name in components))
 
 
-_ROUND_TRIPS = (OURS, OURS_NO_TRACE, ECHO)
+_ROUND_TRIPS = (OURS, ECHO)
 
 
 # --- reporting --------------------------------------------------------------------------------
@@ -587,10 +551,6 @@ def report(variants: list[Variant], repeats: int, iterations: int, quick: bool) 
     print("\n### Where the time goes: in situ, by ablation (µs per round trip)\n")
     print(f"| measured inside the round trip | {columns} |")
     print("|---|" + "---:|" * len(variants))
-    print(_row(
-        "trace context: ours - ours with the parse stubbed",
-        [paired_median(v, lambda r: r[OURS] - r[OURS_NO_TRACE]) for v in variants],
-    ))
     if len(variants) == 2:
         plain, signed = variants
         auth_in_situ = statistics.median(

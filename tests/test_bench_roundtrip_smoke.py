@@ -14,7 +14,6 @@ import pytest
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
-import svantic_proto.agent as agent_module
 from svantic_proto.codec import decode_frame
 from svantic_proto.events import DispatchCompleted
 
@@ -88,13 +87,6 @@ def test_every_timed_round_trip_completes_a_dispatch(dispatch_auth: bool) -> Non
     assert pair.mesh.accepting_dispatches and pair.agent.ready
     # The batch itself checks each DispatchCompleted; none is left over for the pair.
     assert not pair.mesh_events_of(DispatchCompleted)
-
-
-def test_the_trace_ablation_restores_the_core() -> None:
-    original = agent_module.trace_context_from_headers
-    pair = bench_roundtrip.connected_pair(dispatch_auth=False)
-    bench_roundtrip.without_trace_parse(bench_roundtrip.protocol_batch(pair))(3)
-    assert agent_module.trace_context_from_headers is original
 
 
 def test_the_rate_limit_is_the_only_default_changed() -> None:
