@@ -38,7 +38,6 @@ def test_quick_run_reports_every_candidate_and_component(
         "codec",
         "ids and timestamps",
         "events (build)",
-        "trace context",
         "timer polling",
         "auth mint (HS256)",
         "auth verify (HS256)",
