@@ -42,8 +42,8 @@ class Config:
     max_fragments: int = 1024
     max_handshake_bytes: int = 16 * 1024
     # inbound limits answered with RATE_LIMITED (spec section 3, error codes)
-    max_frames_per_second: float = 1000.0
-    frame_burst: int = 2000
+    max_frames_per_second: float = 10_000.0
+    frame_burst: int = 10_000
     max_in_flight: int = 1000
     """Dispatches an agent runs at once, and tool calls a mesh serves at once per connection."""
     rate_limit_retry_after: float = 1.0

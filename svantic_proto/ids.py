@@ -28,7 +28,8 @@ _RFC3339_RE = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
     r"(Z|[+-][0-9]{2}:[0-9]{2})"
 )
-_POOL_BYTES = 4096  # 512 records of 8 bytes: variant (2 bits) + rand_b (62 bits)
+# 128 records of 8 bytes (variant 2 bits + rand_b 62 bits): cheap refills, small per connection.
+_POOL_BYTES = 1024
 _POOL_HEX = _POOL_BYTES * 2
 _VARIANT_CLEAR = int.from_bytes(b"\x3f" + b"\xff" * 7, "big")
 _VARIANT_SET = int.from_bytes(b"\x80" + b"\x00" * 7, "big")

@@ -182,7 +182,10 @@ class MeshConnection(_Connection):
     ) -> None:
         super().__init__(config, now=now, wall_clock=wall_clock, random_bytes=random_bytes)
         self.state = MeshState.HANDSHAKE
-        self._handshake = ServerHandshake(max_header_bytes=self.config.max_handshake_bytes)
+        self._handshake: ServerHandshake | None = ServerHandshake(
+            max_header_bytes=self.config.max_handshake_bytes
+        )
+        self._request: UpgradeRequested | None = None
         self._pending_input = bytearray()
         self._mint = dispatch_auth
         self._store = resume_store
@@ -202,7 +205,7 @@ class MeshConnection(_Connection):
     # -- handshake ---------------------------------------------------------------------------------
 
     def _feed(self, data: bytes, now: float) -> None:
-        if self.state is MeshState.HANDSHAKE:
+        if self.state is MeshState.HANDSHAKE and self._handshake is not None:
             result = self._handshake.receive_data(data)
             if result is None:
                 return
@@ -214,6 +217,7 @@ class MeshConnection(_Connection):
                 self._drop_transport()
                 return
             self._move("upgrade_requested")
+            self._request = result
             self._events.append(UpgradeRequest(result))
         elif self.state is MeshState.UPGRADE_PENDING:
             self._pending_input += data  # the decision is the application's; keep the bytes
@@ -247,14 +251,16 @@ class MeshConnection(_Connection):
             raise LocalProtocolError("accept needs the instance id and the tenant id")
         self.instance_id, self.tenant_id, self.subject = instance_id, tenant_id, subject
         self.agent_type = agent_type or ""
-        self._out.append(self._handshake.accept())
+        handshake = self._upgrading()
+        self._out.append(handshake.accept())
         self._move("accept")
         del self._timers["handshake"]
         self._timers["hello"] = now + self.config.hello_timeout
         if token_expires_at is not None:
             self._arm_token_expiry(token_expires_at, now)
-        extra = self._handshake.extra + bytes(self._pending_input)
-        self._pending_input.clear()
+        extra = handshake.extra + bytes(self._pending_input)
+        self._pending_input = bytearray()
+        self._handshake = None  # HTTP is over: keep idle connections small
         self._start_framing(extra, now)
 
     def reject(self, decision: Reject | None = None, *, status: int = 0, code: str = "",
@@ -263,7 +269,8 @@ class MeshConnection(_Connection):
         self._require(MeshState.UPGRADE_PENDING, action="reject")
         if decision is not None:
             status, code, message = decision.status, decision.code, decision.message
-        self._out.append(self._handshake.reject(status, code, message))
+        self._out.append(self._upgrading().reject(status, code, message))
+        self._handshake = None
         self._move("reject")
         self._close_error = RemoteProtocolError(message, code=code)
         self._finish(None, f"rejected {status} {code}", by_peer=False, now=now)
@@ -271,7 +278,13 @@ class MeshConnection(_Connection):
 
     @property
     def request(self) -> UpgradeRequested | None:
-        return self._handshake.request
+        """The upgrade request, once read."""
+        return self._request
+
+    def _upgrading(self) -> ServerHandshake:
+        if self._handshake is None:
+            raise InvalidState("the upgrade was answered already")
+        return self._handshake
 
     # -- frames from the agent ---------------------------------------------------------------------
 
