@@ -30,7 +30,7 @@ _RFC3339_RE = re.compile(
 )
 # 128 records of 8 bytes (variant 2 bits + rand_b 62 bits): cheap refills, small per connection.
 _POOL_BYTES = 1024
-_POOL_HEX = _POOL_BYTES * 2
+_HEX3 = tuple(f"{i:03x}" for i in range(4096))  # the 12-bit counter as text, precomputed
 _VARIANT_CLEAR = int.from_bytes(b"\x3f" + b"\xff" * 7, "big")
 _VARIANT_SET = int.from_bytes(b"\x80" + b"\x00" * 7, "big")
 _VARIANT_CLEAR = sum(_VARIANT_CLEAR << (64 * i) for i in range(_POOL_BYTES // 8))
@@ -104,7 +104,7 @@ class IdFactory:
     keeps a stamp well under a microsecond.
     """
 
-    __slots__ = ("_clock", "_counter", "_hex", "_hex_pos", "_ms", "_prefix", "_random_bytes", "_ts")
+    __slots__ = ("_clock", "_counter", "_ms", "_prefix", "_random_bytes", "_tails", "_ts")
 
     def __init__(
         self,
@@ -113,21 +113,22 @@ class IdFactory:
     ) -> None:
         self._clock = wall_clock
         self._random_bytes = random_bytes
-        self._hex = ""
-        self._hex_pos = _POOL_HEX  # empty pool: the first stamp fills it
+        self._tails: list[str] = []  # empty pool: the first stamp fills it
         self._ms = -1
         self._counter = 0
         self._prefix = ""
         self._ts = ""
 
-    def _refill(self) -> None:
+    def _refill(self) -> list[str]:
         raw = self._random_bytes(_POOL_BYTES)
         if len(raw) != _POOL_BYTES:
             raise ValueError(f"random_bytes({_POOL_BYTES}) returned {len(raw)} bytes")
-        # Force the RFC 9562 variant (0b10) into the top bits of every 8-byte record.
+        # Force the RFC 9562 variant (0b10) into the top bits of every 8-byte record, then cut
+        # the hex into ready-made `-vxxx-xxxxxxxxxxxx` tails, one per id.
         value = int.from_bytes(raw, "big") & _VARIANT_CLEAR | _VARIANT_SET
-        self._hex = value.to_bytes(_POOL_BYTES, "big").hex()
-        self._hex_pos = 0
+        h = value.to_bytes(_POOL_BYTES, "big").hex()
+        self._tails = [f"-{h[i : i + 4]}-{h[i + 4 : i + 16]}" for i in range(0, len(h), 16)]
+        return self._tails
 
     def _enter_millisecond(self, ms: int) -> None:
         """Start a new millisecond: reseed the counter, rebuild the cached prefix and ts."""
@@ -151,16 +152,8 @@ class IdFactory:
                 self._enter_millisecond(self._ms + 1)
             else:
                 self._counter = counter
-        pos = self._hex_pos
-        if pos >= _POOL_HEX:
-            self._refill()
-            pos = 0
-        self._hex_pos = pos + 16
-        h = self._hex
-        return (
-            f"{self._prefix}{self._counter:03x}-{h[pos : pos + 4]}-{h[pos + 4 : pos + 16]}",
-            self._ts,
-        )
+        tails = self._tails or self._refill()
+        return self._prefix + _HEX3[self._counter] + tails.pop(), self._ts
 
     def new_id(self) -> str:
         """A fresh UUID v7 for an envelope `id`."""
