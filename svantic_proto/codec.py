@@ -26,9 +26,11 @@ from .frames import (
     TIMESTAMP_PATTERN,
     TRACE_ID_PATTERN,
     UUID_PATTERN,
+    Cancel,
     Dispatch,
     DispatchPayload,
     Frame,
+    Welcome,
 )
 from .ids import IdFactory, is_canonical_uuid
 
@@ -96,9 +98,22 @@ def decode_frame(data: bytes | str) -> Frame:
         valid = _valid_id_ts(frame.id + frame.ts)
     else:
         valid = _valid_id_ts_reply(frame.id + frame.ts + reply_to)
-    if valid is None or (type(frame) is Dispatch and frame.payload.dispatch_id != frame.id):
+    if valid is None:
+        raise _explain(data, None)
+    payload_check = _PAYLOAD_CHECKS.get(type(frame))
+    if payload_check is not None and not payload_check(frame):
         raise _explain(data, None)
     return frame
+
+
+_valid_uuid = re.compile(_U, re.ASCII).fullmatch
+
+# Payload rules checked after the parse, with the envelope's (see frames.py for why).
+_PAYLOAD_CHECKS: dict[type, Callable[[Any], bool]] = {
+    Dispatch: lambda f: f.payload.dispatch_id == f.id,
+    Cancel: lambda f: _valid_uuid(f.payload.dispatch_id) is not None,
+    Welcome: lambda f: all(_valid_uuid(i) is not None for i in f.payload.replayed_dispatches),
+}
 
 
 def encode_frame(frame: Frame) -> bytes:
@@ -157,12 +172,18 @@ def _explain(data: bytes | str, exc: BaseException | None) -> FrameError:
         return FrameError(message, close_code=None, frame_id=frame_id)
     if exc is None:  # parsed, but failed a check done after the parse
         value = _any_decoder.decode(text)
-        if envelope.type == "dispatch":
-            payload = value["payload"]
-            if payload.get("dispatch_id") != envelope.id:
-                return FrameError(
-                    "`payload.dispatch_id` must equal the envelope `id`", frame_id=frame_id
-                )
+        payload = value["payload"]
+        uuid_name = _PATTERN_NAMES[UUID_PATTERN]
+        if envelope.type == "dispatch" and payload.get("dispatch_id") != envelope.id:
+            message = "`payload.dispatch_id` must equal the envelope `id`"
+            return FrameError(message, frame_id=frame_id)
+        if envelope.type == "cancel" and not is_canonical_uuid(payload.get("dispatch_id")):
+            message = f"`payload.dispatch_id` must be {uuid_name}"
+            return FrameError(message, frame_id=frame_id)
+        replayed = payload.get("replayed_dispatches") or []
+        if envelope.type == "welcome" and not all(is_canonical_uuid(i) for i in replayed):
+            message = f"`payload.replayed_dispatches` must hold only {uuid_name} values"
+            return FrameError(message, frame_id=frame_id)
         got = value.get("in_reply_to")
         message = f"`in_reply_to` must be {_PATTERN_NAMES[UUID_PATTERN]}, got {got!r}"
         return FrameError(message, frame_id=frame_id)

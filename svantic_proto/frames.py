@@ -120,7 +120,7 @@ class HelloPayload(_Payload, frozen=True):
 class WelcomePayload(_Payload, frozen=True):
     connection_id: str
     resumed: bool
-    replayed_dispatches: list[Uuid]
+    replayed_dispatches: list[EnvelopeUuid]  # format checked by the codec with the envelope
     resume_token: str
     heartbeat_interval_ms: PositiveInt
     max_message_bytes: PositiveInt | None = None
@@ -232,7 +232,7 @@ class CloseRequestPayload(_Payload, frozen=True):
 
 
 class CancelPayload(_Payload, frozen=True):
-    dispatch_id: Uuid
+    dispatch_id: EnvelopeUuid  # format checked by the codec with the envelope
     reason: str
 
 
