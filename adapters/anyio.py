@@ -14,83 +14,41 @@ import logging
 import math
 import socket
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
-from urllib.parse import urlsplit
+from typing import Any, cast
 
 import anyio
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 from anyio.streams.tls import TLSListener
 
-from svantic_proto import (
-    AgentConnection,
-    AgentSession,
-    AgentState,
-    Config,
-    DispatchAuthVerifier,
-    InstanceRecord,
-    LocalProtocolError,
-    MeshConnection,
-    ResumeStore,
-    RetryDecision,
-    SvanticError,
-    check_upgrade,
-    held_failures,
-)
+from svantic_proto import AgentConnection, LocalProtocolError, MeshConnection, RetryDecision
 from svantic_proto.events import (
     ConnectionClosed,
-    DispatchCancelled,
     DispatchReceived,
     Event,
     SessionStarted,
     UpgradeRequest,
 )
-from svantic_proto.handshake import Reject
-from svantic_proto.mesh import MintDispatchAuth
 
 from ._pump import Pump
 from ._runtime import (
-    CapabilityRegistry,
+    AgentBase,
+    AgentLinkBase,
     DispatchContext,
     DispatchError,
     HandlerError,
-    MeshWaiters,
-    client_ssl_context,
+    MeshBase,
+    Outcome,
     handler_outcome,
-    make_context,
 )
 
-__all__ = [
-    "Agent",
-    "AgentLink",
-    "DispatchContext",
-    "DispatchError",
-    "HandlerError",
-    "MeshServer",
-    "connect",
-]
+__all__ = ["Agent", "AgentLink", "DispatchContext", "DispatchError", "HandlerError", "MeshServer",
+           "connect"]
 
 log = logging.getLogger(__name__)
 READ_SIZE = 65536
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
-
-
-class _Waiter:
-    """One dispatch outcome for `MeshWaiters` (which settles it once), over an anyio.Event."""
-
-    def __init__(self) -> None:
-        self.settled = anyio.Event()
-        self.outcome: tuple[Any, BaseException | None] = (None, None)
-
-    def set_result(self, value: Any) -> None:
-        self.outcome = (value, None)
-        self.settled.set()
-
-    def set_exception(self, exc: BaseException) -> None:
-        self.outcome = (None, exc)
-        self.settled.set()
 
 
 class _Timer:
@@ -224,7 +182,7 @@ class _Link:
             self.done.set()
 
 
-class Agent(CapabilityRegistry):
+class Agent(AgentBase[_Link, Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
     `async with connect(...) as agent` returns once the first welcome is seen and
@@ -237,27 +195,9 @@ class Agent(CapabilityRegistry):
     up, replaced by a fresh one when it ends: read the attribute when you wait.
     """
 
-    def __init__(self, url: str, *, token: str, instance_id: str,
-                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
-                 config: Config | None = None, session: AgentSession | None = None,
-                 token_provider: Callable[[], Awaitable[str]] | None = None,
-                 allow_insecure_loopback: bool = False) -> None:
-        super().__init__()
-        self.url, self.token, self.instance_id = url, token, instance_id
-        self.agent_type = agent_type
-        self.config = config or Config()
-        self.session = session or AgentSession(self.config)
-        self._verifier = dispatch_auth
-        self._token_provider = token_provider
-        self._insecure = allow_insecure_loopback
-        parts = urlsplit(url)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if parts.scheme == "wss" else 80)
-        self._ssl = client_ssl_context(ssl_context, cafile) if parts.scheme == "wss" else None
-        self.link: _Link | None = None
-        self._handlers: dict[str, anyio.CancelScope] = {}
-        self._stopping = False
+    _clock = staticmethod(anyio.current_time)
+
+    def _init_adapter(self) -> None:
         self._stop_requested = anyio.Event()
         self._dial_scope = anyio.CancelScope()
         self._group: TaskGroup | None = None
@@ -265,13 +205,7 @@ class Agent(CapabilityRegistry):
         self._finished: anyio.Event | None = None
         self._error: Exception | None = None
         self.ready = anyio.Event()
-        self.handler_runs = 0
-        self.last_closed: ConnectionClosed | None = None
         self.last_started: SessionStarted | None = None
-
-    @property
-    def conn(self) -> AgentConnection | None:
-        return self.link.pump.conn if self.link is not None else None
 
     async def _connect_once(self) -> _Link | None:
         stream: ByteStream | None = None
@@ -284,45 +218,31 @@ class Agent(CapabilityRegistry):
                                                  tls_standard_compatible=False)
         if stream is None or self._stopping:  # stop() cancelled the dial
             return None
-        conn = AgentConnection(
-            self.url, token=self.token, instance_id=self.instance_id,
-            dispatch_auth=self._verifier, session=self.session, agent_type=self.agent_type,
-            capabilities=self.capabilities, config=self.config, now=anyio.current_time(),
-            wall_clock=time.time, allow_insecure_loopback=self._insecure,
-        )
+        conn = self._new_connection()
         self.last_closed = None
         self.link = link = _Link(conn, stream, self._on_event, self.config.close_timeout)
         link.service()
         return link
 
-    def _on_event(self, event: Event) -> None:
-        if isinstance(event, DispatchReceived):
-            self._start_handler(event)
-        elif isinstance(event, DispatchCancelled):
-            scope = self._handlers.get(event.dispatch_id)
-            if scope is not None:
-                scope.cancel()
-        elif isinstance(event, SessionStarted):
-            self.last_started = event
-            self.ready.set()
-            if self.link is not None:
-                self.link.settled.set()
-        elif isinstance(event, ConnectionClosed):
-            self.last_closed = event
-            if self.ready.is_set():
-                self.ready = anyio.Event()
+    def _session_started(self, event: SessionStarted) -> None:
+        self.last_started = event
+        self.ready.set()
+        if self.link is not None:
+            self.link.settled.set()
 
-    def _start_handler(self, event: DispatchReceived) -> None:
-        capability, refusal = self.resolve(event)
-        if capability is None or self._group is None:
-            code, message = refusal or ("INTERNAL", "the agent is not running")
-            self._answer(event.dispatch_id, "send_error", code, message)
-            return
-        dispatch_id = event.dispatch_id
-        context = make_context(event, lambda data: self._answer(dispatch_id, "send_chunk", data))
+    def _connection_closed(self, event: ConnectionClosed) -> None:
+        if self.ready.is_set():
+            self.ready = anyio.Event()
+
+    def _handler_unavailable(self) -> str | None:
+        return "the agent is not running" if self._group is None else None
+
+    def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
+                       context: DispatchContext) -> None:
         scope = anyio.CancelScope()  # made now, so a cancel before the task starts still counts
-        self._handlers[dispatch_id] = scope
-        self._group.start_soon(self._run_handler, capability.handler, event, context, scope)
+        self._handlers[event.dispatch_id] = scope
+        group = cast(TaskGroup, self._group)  # `_handler_unavailable()` saw it set
+        group.start_soon(self._run_handler, handler, event, context, scope)
 
     async def _run_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                            context: DispatchContext, scope: anyio.CancelScope) -> None:
@@ -344,29 +264,6 @@ class Agent(CapabilityRegistry):
                 self._answer(dispatch_id, "send_cancelled")
         finally:
             self._handlers.pop(dispatch_id, None)
-
-    def _answer(self, dispatch_id: str, method: str, *args: Any) -> None:
-        """Send through the current connection (or the session outbox while down)."""
-        link = self.link
-        if link is None:
-            return
-        with contextlib.suppress(Exception):  # a dispatch that already ended is not an error
-            getattr(link.pump.conn, method)(dispatch_id, *args)
-        link.service()
-
-    def refresh_token(self, token: str) -> bool:
-        """Use a fresh transport JWT: now through `token_refresh`, and for every reconnect.
-
-        Returns False when the mesh does not know the extension; the new token is
-        then used at the next reconnect (spec 3).
-        """
-        self.token = token
-        link, conn = self.link, self.conn
-        if link is None or conn is None:
-            return False
-        sent = conn.refresh_token(token)
-        link.service()
-        return sent
 
     @contextlib.asynccontextmanager
     async def _task_group(self) -> AsyncIterator[TaskGroup]:
@@ -394,15 +291,11 @@ class Agent(CapabilityRegistry):
                 if link.pump.conn.connection_id is not None:  # a welcome was seen
                     yield link.pump.conn
                 await link.done.wait()
-                closed = self.last_closed
-                retry = closed.retry if closed is not None else RetryDecision.RETRY
-                if retry is RetryDecision.FINAL and not self._stopping and closed is not None:
-                    raise closed.error or DispatchError("", "CONNECTION_CLOSED", closed.reason)
+                retry = self._retry_decision()
             if self._stopping:
                 return
-            if retry is RetryDecision.REFRESH_TOKEN_THEN_RETRY and self._token_provider:
-                self.token = await self._token_provider()
-                self.session.token_refreshed = True
+            if provider := self._token_refresher(retry):
+                self._use_fresh_token(await provider())
             with anyio.move_on_after(self.session.next_delay()):
                 await self._stop_requested.wait()
 
@@ -456,19 +349,10 @@ class Agent(CapabilityRegistry):
 
     async def stop(self, grace: float | None = None) -> None:
         """close_request: finish in-flight work (up to the grace), then close 1000."""
-        self._stopping = True
         self._stop_requested.set()
         self._dial_scope.cancel()
-        link, conn = self.link, self.conn
-        if link is not None and conn is not None and not conn.closed:
-            now = anyio.current_time()
-            with contextlib.suppress(SvanticError):
-                if conn.state is AgentState.READY:
-                    conn.close_request(None if grace is None else int(grace),
-                                       "agent stopping", now=now)
-                else:
-                    conn.close(1000, "agent stopping", now=now)
-            link.service()
+        link = self._begin_stop(grace)
+        if link is not None:
             await link.done.wait()
         if self._finished is not None:
             await self._finished.wait()
@@ -479,20 +363,8 @@ def connect(url: str, **options: Any) -> Agent:
     return Agent(url, **options)
 
 
-class AgentLink:
+class AgentLink(AgentLinkBase["MeshServer", _Link]):
     """The mesh's handle on one connected agent: send dispatches, await their outcome."""
-
-    def __init__(self, server: MeshServer, link: _Link) -> None:
-        self.server, self.link = server, link
-
-    @property
-    def conn(self) -> MeshConnection:
-        conn: MeshConnection = self.link.pump.conn
-        return conn
-
-    @property
-    def instance_id(self) -> str | None:
-        return self.conn.instance_id
 
     async def wait_closed(self) -> None:
         """Until this agent's connection has ended."""
@@ -502,23 +374,20 @@ class AgentLink:
                        deadline_ms: int = 30_000,
                        on_chunk: Callable[[Any], object] | None = None) -> Any:
         """Send a dispatch and return its result; raise `DispatchError` on failure."""
-        waiter = _Waiter()
-        dispatch_id = self.conn.send_dispatch(
-            capability, dict(arguments or {}), deadline_ms=deadline_ms, now=anyio.current_time())
-        self.server.waiters.add(dispatch_id, waiter, on_chunk)
-        self.link.service()
+        settled = anyio.Event()
+        outcome = Outcome(settled.set)
+        dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
+                                          waiter=outcome, on_chunk=on_chunk,
+                                          now=anyio.current_time())
         try:
             await self.link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure for callers
-            await waiter.settled.wait()
+            await settled.wait()
         finally:
             self.server.waiters.discard(dispatch_id)
-        result, error = waiter.outcome
-        if error is not None:
-            raise error
-        return result
+        return outcome.result()
 
 
-class MeshServer:
+class MeshServer(MeshBase[AgentLink, _Link]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
     `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
@@ -528,23 +397,10 @@ class MeshServer:
     call `close()` in the same task and block as `start()`.
     """
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None,
-                 verify_token: Callable[[str], Any],
-                 lookup_instance: Callable[[str], InstanceRecord | None],
-                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
-                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
-                 backlog: int = 4096) -> None:
-        self.config = config or Config()
-        self._ssl = ssl_context
-        self._verify_token, self._lookup = verify_token, lookup_instance
-        self._mint = dispatch_auth
-        self.store = resume_store or ResumeStore(window=self.config.resume_window)
-        self.max_connections, self.backlog = max_connections, backlog
-        self.waiters = MeshWaiters()
-        self.agents: dict[str, AgentLink] = {}
-        self.links: set[_Link] = set()
-        self.on_event: Callable[[AgentLink, Event], None] | None = None
-        self._agent_arrived = anyio.Event()
+    _clock = staticmethod(anyio.current_time)
+
+    def _init_adapter(self) -> None:
+        self._arrival = anyio.Event()
         self._store_timer = _Timer(self._expire_store)
         self._stack: contextlib.AsyncExitStack | None = None
         self._group: TaskGroup | None = None
@@ -600,67 +456,46 @@ class MeshServer:
     async def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> AgentLink:
         with anyio.fail_after(timeout):
             while instance_id not in self.agents:
-                await self._agent_arrived.wait()
+                await self._arrival.wait()
         return self.agents[instance_id]
 
     async def dispatch(self, instance_id: str, capability: str,
                        arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
-        agent = self.agents.get(instance_id)
-        if agent is None or not agent.conn.accepting_dispatches:
-            raise DispatchError("", "AGENT_UNAVAILABLE", f"{instance_id} is not connected")
-        return await agent.dispatch(capability, arguments, **options)
+        return await self._available_agent(instance_id).dispatch(capability, arguments, **options)
 
     async def _serve(self, stream: ByteStream) -> None:
         if len(self.links) >= self.max_connections:
             await anyio.aclose_forcefully(stream)
             return
-        conn = MeshConnection(dispatch_auth=self._mint, now=anyio.current_time(),
-                              wall_clock=time.time, config=self.config,
-                              resume_store=self.store, verify_token=self._verify_token)
-        link = _Link(conn, stream, lambda event: self._on_event(agent, event),
-                     self.config.close_timeout)
-        agent = AgentLink(self, link)
-        self.links.add(link)
+        link = self._open_link(
+            lambda conn, on_event: _Link(conn, stream, on_event, self.config.close_timeout))
         try:
             link.service()
             await link.run()
         finally:
             self.links.discard(link)
 
-    def _on_event(self, agent: AgentLink, event: Event) -> None:
-        conn, now = agent.conn, anyio.current_time()
-        if isinstance(event, UpgradeRequest):
-            try:
-                decision = check_upgrade(event.request, verify_token=self._verify_token,
-                                         lookup_instance=self._lookup)
-                if isinstance(decision, Reject):
-                    conn.reject(decision, now=now)
-                else:
-                    record = self._lookup(decision.instance_id)
-                    conn.accept(decision, agent_type=record.agent_type if record else None,
-                                now=now)
-            except Exception:  # e.g. the instance registry is down: that is no rejection
-                log.exception("upgrade check failed")
-                conn.close(1011, "upgrade check failed", now=now)
-        elif isinstance(event, SessionStarted):
-            self.agents[event.instance_id] = agent
-            arrived, self._agent_arrived = self._agent_arrived, anyio.Event()
-            arrived.set()
-        elif isinstance(event, ConnectionClosed):
-            if conn.instance_id and self.agents.get(conn.instance_id) is agent:
-                del self.agents[conn.instance_id]
-            self._store_timer.arm(self.store.next_deadline())
-        else:
-            self.waiters.dispatch_event(event)
-        if self.on_event is not None:  # every event, for metrics and the application
-            try:
-                self.on_event(agent, event)
-            except Exception:  # an application callback must not take the server down
-                log.exception("on_event failed")
+    def _new_agent_link(self, link: _Link) -> AgentLink:
+        return AgentLink(self, link)
 
-    def _expire_store(self, now: float) -> None:
-        for event in held_failures(self.store.expire(now)):
-            self.waiters.dispatch_event(event)
+    def _answer_upgrade(self, conn: MeshConnection, event: UpgradeRequest, now: float) -> None:
+        try:
+            super()._answer_upgrade(conn, event, now)
+        except Exception:  # e.g. the instance registry is down: that is no rejection
+            log.exception("upgrade check failed")
+            conn.close(1011, "upgrade check failed", now=now)
+
+    def _tell_application(self, agent: AgentLink, event: Event, routed: bool) -> None:
+        try:
+            super()._tell_application(agent, event, routed)
+        except Exception:  # an application callback must not take the server down
+            log.exception("on_event failed")
+
+    def _agent_arrived(self) -> None:
+        arrived, self._arrival = self._arrival, anyio.Event()
+        arrived.set()
+
+    def _arm_store_timer(self) -> None:
         self._store_timer.arm(self.store.next_deadline())
 
     async def close(self, grace: float | None = None) -> None:
@@ -669,20 +504,11 @@ class MeshServer:
             return
         self._closed = True
         self._accepting.cancel()
-        grace = self.config.close_grace if grace is None else grace
-        for link in list(self.links):
-            with contextlib.suppress(SvanticError):
-                link.pump.conn.close_request(int(grace), "mesh shutting down",
-                                             now=anyio.current_time())
-            link.service()
+        grace = self._request_close_all(grace)
         with anyio.move_on_after(grace + self.config.close_timeout):
             for link in list(self.links):
                 await link.done.wait()
-        for link in list(self.links):
-            with contextlib.suppress(SvanticError):
-                link.pump.conn.close(1001, "mesh shutting down", now=anyio.current_time())
-            link.service()
-            link.abort()
+        self._close_all()
         self._store_timer.close()
         self.waiters.fail_all("AGENT_DISCONNECTED", "mesh shut down")
         if not self._entered:

@@ -10,43 +10,21 @@ import asyncio
 import contextlib
 import inspect
 import ssl
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
-from urllib.parse import urlsplit
 
-from svantic_proto import (
-    AgentConnection,
-    AgentSession,
-    Config,
-    DispatchAuthVerifier,
-    InstanceRecord,
-    MeshConnection,
-    ResumeStore,
-    RetryDecision,
-    check_upgrade,
-    held_failures,
-)
-from svantic_proto.events import (
-    ConnectionClosed,
-    DispatchCancelled,
-    DispatchReceived,
-    Event,
-    SessionStarted,
-    UpgradeRequest,
-)
-from svantic_proto.mesh import MintDispatchAuth
+from svantic_proto import AgentConnection, RetryDecision
+from svantic_proto.events import DispatchReceived, Event, SessionStarted
 
 from ._pump import Pump
 from ._runtime import (
-    CapabilityRegistry,
+    AgentBase,
+    AgentLinkBase,
     DispatchContext,
     DispatchError,
     HandlerError,
-    MeshWaiters,
-    client_ssl_context,
+    MeshBase,
     handler_outcome,
-    make_context,
 )
 
 __all__ = [
@@ -131,7 +109,7 @@ def _sync_or_async(result: Any) -> Awaitable[Any]:
     return future
 
 
-class Agent(CapabilityRegistry):
+class Agent(AgentBase[_Link, Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
     `async with connect(...) as agent` returns once the first welcome is seen;
@@ -139,34 +117,11 @@ class Agent(CapabilityRegistry):
     (which raises the typed `HandshakeRejected`).
     """
 
-    def __init__(self, url: str, *, token: str, instance_id: str,
-                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
-                 config: Config | None = None, session: AgentSession | None = None,
-                 token_provider: Callable[[], Awaitable[str]] | None = None,
-                 allow_insecure_loopback: bool = False) -> None:
-        super().__init__()
-        self.url, self.token, self.instance_id = url, token, instance_id
-        self.agent_type = agent_type
-        self.config = config or Config()
-        self.session = session or AgentSession(self.config)
-        self._verifier = dispatch_auth
-        self._token_provider = token_provider
-        self._insecure = allow_insecure_loopback
-        parts = urlsplit(url)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if parts.scheme == "wss" else 80)
-        self._ssl = client_ssl_context(ssl_context, cafile) if parts.scheme == "wss" else None
-        self.link: _Link | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._stopping = False
+    def _init_adapter(self) -> None:
         self.ready = asyncio.Event()
-        self.handler_runs = 0
-        self.last_closed: ConnectionClosed | None = None
 
-    @property
-    def conn(self) -> AgentConnection | None:
-        return self.link.pump.conn if self.link is not None else None
+    def _clock(self) -> float:
+        return asyncio.get_running_loop().time()
 
     async def _connect_once(self) -> _Link:
         reader, writer = await asyncio.wait_for(
@@ -178,42 +133,20 @@ class Agent(CapabilityRegistry):
                                                           if self._ssl else None)),
             timeout=self.config.hello_timeout,
         )
-        loop = asyncio.get_running_loop()
-        conn = AgentConnection(
-            self.url, token=self.token, instance_id=self.instance_id,
-            dispatch_auth=self._verifier, session=self.session, agent_type=self.agent_type,
-            capabilities=self.capabilities, config=self.config, now=loop.time(),
-            wall_clock=time.time, allow_insecure_loopback=self._insecure,
-        )
+        conn = self._new_connection()
         self.ready.clear()
         link = _Link(conn, reader, writer, self._on_event)
         self.link = link
         link.service()
         return link
 
-    def _on_event(self, event: Event) -> None:
-        if isinstance(event, DispatchReceived):
-            self._start_handler(event)
-        elif isinstance(event, DispatchCancelled):
-            task = self._tasks.get(event.dispatch_id)
-            if task is not None:
-                task.cancel()
-        elif isinstance(event, SessionStarted):
-            self.ready.set()
-        elif isinstance(event, ConnectionClosed):
-            self.last_closed = event
+    def _session_started(self, event: SessionStarted) -> None:
+        self.ready.set()
 
-    def _start_handler(self, event: DispatchReceived) -> None:
-        capability, refusal = self.resolve(event)
-        conn = self.conn
-        if capability is None or conn is None:
-            code, message = refusal or ("INTERNAL", "no connection")
-            self._answer(event.dispatch_id, "send_error", code, message)
-            return
-        dispatch_id = event.dispatch_id
-        context = make_context(event, lambda data: self._answer(dispatch_id, "send_chunk", data))
-        self._tasks[event.dispatch_id] = asyncio.create_task(
-            self._run_handler(capability.handler, event, context))
+    def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
+                       context: DispatchContext) -> None:
+        self._handlers[event.dispatch_id] = asyncio.create_task(
+            self._run_handler(handler, event, context))
 
     async def _run_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                            context: Any) -> None:
@@ -228,30 +161,7 @@ class Agent(CapabilityRegistry):
         else:
             self._answer(event.dispatch_id, "send_result", result)
         finally:
-            self._tasks.pop(event.dispatch_id, None)
-
-    def _answer(self, dispatch_id: str, method: str, *args: Any) -> None:
-        """Send through the current connection (or the session outbox while down)."""
-        link = self.link
-        if link is None:
-            return
-        with contextlib.suppress(Exception):  # a dispatch that already ended is not an error
-            getattr(link.pump.conn, method)(dispatch_id, *args)
-        link.service()
-
-    def refresh_token(self, token: str) -> bool:
-        """Use a fresh transport JWT: now through `token_refresh`, and for every reconnect.
-
-        Returns False when the mesh does not know the extension; the new token is
-        then used at the next reconnect (spec 3).
-        """
-        self.token = token
-        link, conn = self.link, self.conn
-        if link is None or conn is None:
-            return False
-        sent = conn.refresh_token(token)
-        link.service()
-        return sent
+            self._handlers.pop(event.dispatch_id, None)
 
     async def connections(self) -> AsyncIterator[AgentConnection]:
         """Yield each established connection; reconnect with the core's backoff and retry rules."""
@@ -266,17 +176,13 @@ class Agent(CapabilityRegistry):
                 if self.ready.is_set():
                     yield link.pump.conn
                 await runner
-                closed = self.last_closed
-                retry = closed.retry if closed is not None else RetryDecision.RETRY
-                if retry is RetryDecision.FINAL and not self._stopping and closed is not None:
-                    raise closed.error or DispatchError("", "CONNECTION_CLOSED", closed.reason)
+                retry = self._retry_decision()
             except (TimeoutError, OSError, ssl.SSLError):
                 retry = RetryDecision.RETRY
             if self._stopping:
                 return
-            if retry is RetryDecision.REFRESH_TOKEN_THEN_RETRY and self._token_provider:
-                self.token = await self._token_provider()
-                self.session.token_refreshed = True
+            if provider := self._token_refresher(retry):
+                self._use_fresh_token(await provider())
             await asyncio.sleep(self.session.next_delay())
 
     async def run(self) -> None:
@@ -297,16 +203,8 @@ class Agent(CapabilityRegistry):
 
     async def stop(self, grace: float | None = None) -> None:
         """close_request: finish in-flight work (up to the grace), then close 1000."""
-        self._stopping = True
-        link, conn = self.link, self.conn
-        if link is not None and conn is not None and not conn.closed:
-            with contextlib.suppress(Exception):
-                if conn.ready and conn.state.name == "READY":
-                    conn.close_request(None if grace is None else int(grace),
-                                       "agent stopping", now=link.loop.time())
-                else:
-                    conn.close(1000, "agent stopping", now=link.loop.time())
-            link.service()
+        link = self._begin_stop(grace)
+        if link is not None:
             await link.done.wait()
         runner = getattr(self, "_runner", None)
         if runner is not None and not runner.done():
@@ -320,20 +218,8 @@ def connect(url: str, **options: Any) -> Agent:
     return Agent(url, **options)
 
 
-class AgentLink:
+class AgentLink(AgentLinkBase["MeshServer", _Link]):
     """The mesh's handle on one connected agent: send dispatches, await their outcome."""
-
-    def __init__(self, server: MeshServer, link: _Link) -> None:
-        self.server, self.link = server, link
-
-    @property
-    def conn(self) -> MeshConnection:
-        conn: MeshConnection = self.link.pump.conn
-        return conn
-
-    @property
-    def instance_id(self) -> str | None:
-        return self.conn.instance_id
 
     async def wait_closed(self) -> None:
         """Until this agent's connection has ended."""
@@ -344,10 +230,9 @@ class AgentLink:
                        on_chunk: Callable[[Any], object] | None = None) -> Any:
         """Send a dispatch and return its result; raise `DispatchError` on failure."""
         future: asyncio.Future[Any] = self.link.loop.create_future()
-        dispatch_id = self.conn.send_dispatch(
-            capability, dict(arguments or {}), deadline_ms=deadline_ms, now=self.link.loop.time())
-        self.server.waiters.add(dispatch_id, future, on_chunk)
-        self.link.service()
+        dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
+                                          waiter=future, on_chunk=on_chunk,
+                                          now=self.link.loop.time())
         if self.link.writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT // 4:
             await self.link.writer.drain()  # backpressure for callers, not memory growth
         try:
@@ -356,33 +241,21 @@ class AgentLink:
             self.server.waiters.discard(dispatch_id)
 
 
-class MeshServer:
+class MeshServer(MeshBase[AgentLink, _Link]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
     `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
     `sub`) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None.
     """
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None,
-                 verify_token: Callable[[str], Any],
-                 lookup_instance: Callable[[str], InstanceRecord | None],
-                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
-                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
-                 backlog: int = 4096) -> None:
-        self.config = config or Config()
-        self._ssl = ssl_context
-        self._verify_token, self._lookup = verify_token, lookup_instance
-        self._mint = dispatch_auth
-        self.store = resume_store or ResumeStore(window=self.config.resume_window)
-        self.max_connections, self.backlog = max_connections, backlog
-        self.waiters = MeshWaiters()
-        self.agents: dict[str, AgentLink] = {}
-        self.links: set[_Link] = set()
+    def _init_adapter(self) -> None:
         self.agent_connected = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._store_timer: asyncio.TimerHandle | None = None
-        self.on_event: Callable[[AgentLink, Event], None] | None = None
         self._notify_task: asyncio.Future[None] | None = None
+
+    def _clock(self) -> float:
+        return asyncio.get_running_loop().time()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         # asyncio refuses a handshake timeout without TLS (plain ws:// on loopback).
@@ -404,51 +277,24 @@ class MeshServer:
 
     async def dispatch(self, instance_id: str, capability: str,
                        arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
-        agent = self.agents.get(instance_id)
-        if agent is None or not agent.conn.accepting_dispatches:
-            raise DispatchError("", "AGENT_UNAVAILABLE", f"{instance_id} is not connected")
-        return await agent.dispatch(capability, arguments, **options)
+        return await self._available_agent(instance_id).dispatch(capability, arguments, **options)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if len(self.links) >= self.max_connections:
             writer.transport.abort()
             return
-        loop = asyncio.get_running_loop()
-        conn = MeshConnection(dispatch_auth=self._mint, now=loop.time(), wall_clock=time.time,
-                              config=self.config, resume_store=self.store,
-                              verify_token=self._verify_token)
-        handle: list[AgentLink] = []
-        link = _Link(conn, reader, writer, lambda event: self._on_event(handle[0], event))
-        handle.append(AgentLink(self, link))
-        self.links.add(link)
+        link = self._open_link(lambda conn, on_event: _Link(conn, reader, writer, on_event))
         try:
             link.service()
             await link.run()
         finally:
             self.links.discard(link)
 
-    def _on_event(self, agent: AgentLink, event: Event) -> None:
-        conn = agent.conn
-        if isinstance(event, UpgradeRequest):
-            decision = check_upgrade(event.request, verify_token=self._verify_token,
-                                     lookup_instance=self._lookup)
-            now = agent.link.loop.time()
-            if hasattr(decision, "claims"):
-                record = self._lookup(decision.instance_id)
-                conn.accept(decision, agent_type=record.agent_type if record else None, now=now)
-            else:
-                conn.reject(decision, now=now)  # type: ignore[arg-type]
-        elif isinstance(event, SessionStarted):
-            self.agents[event.instance_id] = agent
-            self._notify_task = asyncio.ensure_future(self._notify())
-        elif isinstance(event, ConnectionClosed):
-            if conn.instance_id and self.agents.get(conn.instance_id) is agent:
-                del self.agents[conn.instance_id]
-            self._arm_store_timer()
-        else:
-            self.waiters.dispatch_event(event)
-        if self.on_event is not None:  # every event, for metrics and the application
-            self.on_event(agent, event)
+    def _new_agent_link(self, link: _Link) -> AgentLink:
+        return AgentLink(self, link)
+
+    def _agent_arrived(self) -> None:
+        self._notify_task = asyncio.ensure_future(self._notify())
 
     async def _notify(self) -> None:
         async with self.agent_connected:
@@ -459,31 +305,18 @@ class MeshServer:
             self._store_timer.cancel()
         deadline = self.store.next_deadline()
         if deadline is not None:
-            self._store_timer = asyncio.get_running_loop().call_at(deadline, self._expire_store)
-
-    def _expire_store(self) -> None:
-        for event in held_failures(self.store.expire(asyncio.get_running_loop().time())):
-            self.waiters.dispatch_event(event)
-        self._arm_store_timer()
+            loop = asyncio.get_running_loop()
+            self._store_timer = loop.call_at(deadline, lambda: self._expire_store(loop.time()))
 
     async def close(self, grace: float | None = None) -> None:
         """Graceful shutdown: close_request to every agent, wait the grace, 1001 for the rest."""
         if self._server is not None:
             self._server.close()
-        grace = self.config.close_grace if grace is None else grace
-        loop = asyncio.get_running_loop()
-        for link in list(self.links):
-            with contextlib.suppress(Exception):
-                link.pump.conn.close_request(int(grace), "mesh shutting down", now=loop.time())
-            link.service()
+        grace = self._request_close_all(grace)
         pending = [asyncio.ensure_future(link.done.wait()) for link in self.links]
         if pending:
             await asyncio.wait(pending, timeout=grace + self.config.close_timeout)
-        for link in list(self.links):
-            with contextlib.suppress(Exception):
-                link.pump.conn.close(1001, "mesh shutting down", now=loop.time())
-            link.service()
-            link.abort()
+        self._close_all()
         if self._store_timer is not None:
             self._store_timer.cancel()
         self.waiters.fail_all("AGENT_DISCONNECTED", "mesh shut down")

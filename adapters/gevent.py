@@ -25,7 +25,6 @@ import ssl
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
@@ -37,36 +36,22 @@ from gevent.server import StreamServer
 
 from svantic_proto import (
     AgentConnection,
-    AgentSession,
-    Config,
-    ConnectionClosed,
-    DispatchAuthVerifier,
     DispatchCancelled,
     DispatchReceived,
     Event,
     HandshakeRejected,
-    InstanceRecord,
     LocalProtocolError,
-    MeshConnection,
-    ResumeStore,
     RetryDecision,
     SessionStarted,
-    UpgradeRequest,
-    check_upgrade,
-    held_failures,
 )
-from svantic_proto.handshake import Accept
-from svantic_proto.mesh import MintDispatchAuth
 
 from ._pump import Pump
 from ._runtime import (
-    CapabilityRegistry,
+    AgentBase,
+    AgentLinkBase,
     DispatchContext,
-    DispatchError,
-    MeshWaiters,
-    client_ssl_context,
+    MeshBase,
     handler_outcome,
-    make_context,
 )
 
 __all__ = ["Agent", "AgentLink", "HandshakeRejected", "MeshServer", "connect"]
@@ -223,7 +208,7 @@ class _Link:
         _close(self.sock)
 
 
-class Agent(CapabilityRegistry):
+class Agent(AgentBase[_Link, str]):
     """A connected-mode agent (spec 1, 3, 5): dials the mesh, runs handlers, reconnects.
 
     `start()` spawns the connection greenlet; `wait_ready(timeout)` returns once a
@@ -232,38 +217,15 @@ class Agent(CapabilityRegistry):
     each in its own greenlet, killed (`GreenletExit`) when the dispatch is cancelled.
     """
 
-    def __init__(self, url: str, *, token: str, instance_id: str,
-                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
-                 config: Config | None = None, session: AgentSession | None = None,
-                 token_provider: Callable[[], str] | None = None,
-                 allow_insecure_loopback: bool = False) -> None:
-        super().__init__()
-        self.url, self.token, self.instance_id = url, token, instance_id
-        self.agent_type = agent_type
-        self.config = config or Config()
-        self.session = session or AgentSession(self.config)
-        self._verifier = dispatch_auth
-        self._token_provider = token_provider
-        self._insecure = allow_insecure_loopback
-        parts = urlsplit(url)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if parts.scheme == "wss" else 80)
-        self._ssl = client_ssl_context(ssl_context, cafile) if parts.scheme == "wss" else None
-        self.link: _Link | None = None
-        self._handlers: dict[str, tuple[gevent.Greenlet, DispatchContext]] = {}
+    _clock = staticmethod(_now)
+
+    def _init_adapter(self) -> None:
         self._cancel_reasons: dict[str, str] = {}
         self._hub: Any = None
         self._runner: gevent.Greenlet | None = None
         self._final_error: BaseException | None = None
-        self._stopping, self.handler_runs = False, 0
         self._stop_event, self.ready = gevent.event.Event(), gevent.event.Event()
-        self.last_closed: ConnectionClosed | None = None
         self.last_session: SessionStarted | None = None
-
-    @property
-    def conn(self) -> AgentConnection | None:
-        return self.link.pump.conn if self.link is not None else None
 
     def _connect_once(self) -> _Link:
         with gevent.Timeout(self.config.hello_timeout, TimeoutError):
@@ -271,41 +233,27 @@ class Agent(CapabilityRegistry):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self._ssl is not None:
                 sock = _tls(self._ssl, sock, server_hostname=self._host)
-        conn = AgentConnection(
-            self.url, token=self.token, instance_id=self.instance_id,
-            dispatch_auth=self._verifier, session=self.session, agent_type=self.agent_type,
-            capabilities=self.capabilities, config=self.config, now=_now(),
-            wall_clock=time.time, allow_insecure_loopback=self._insecure,
-        )
+        conn = self._new_connection()
         self.ready.clear()
         self.link = _Link(conn, sock, self._on_event)
         self.link.start()
         return self.link
 
-    def _on_event(self, event: Event) -> None:
-        if isinstance(event, DispatchReceived):
-            self._start_handler(event)
-        elif isinstance(event, DispatchCancelled):
-            running = self._handlers.get(event.dispatch_id)
-            if running is not None:
-                running[1].cancelled = True
-                self._cancel_reasons[event.dispatch_id] = event.reason
-                running[0].kill(block=False)  # GreenletExit in the handler, even before it runs
-        elif isinstance(event, SessionStarted):
-            self.last_session = event
-            self.ready.set()
-        elif isinstance(event, ConnectionClosed):
-            self.last_closed = event
+    def _cancel_handler(self, event: DispatchCancelled) -> None:
+        running = self._handlers.get(event.dispatch_id)  # (greenlet, context)
+        if running is not None:
+            running[1].cancelled = True
+            self._cancel_reasons[event.dispatch_id] = event.reason
+            running[0].kill(block=False)  # GreenletExit in the handler, even before it runs
 
-    def _start_handler(self, event: DispatchReceived) -> None:
-        capability, refusal = self.resolve(event)
-        if capability is None or self.conn is None:
-            code, message = refusal or ("INTERNAL", "no connection")
-            self._answer(event.dispatch_id, "send_error", code, message)
-            return
+    def _session_started(self, event: SessionStarted) -> None:
+        self.last_session = event
+        self.ready.set()
+
+    def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
+                       context: DispatchContext) -> None:
         dispatch_id = event.dispatch_id
-        context = make_context(event, lambda data: self._answer(dispatch_id, "send_chunk", data))
-        greenlet = gevent.spawn(self._run_handler, capability.handler, event, context)
+        greenlet = gevent.spawn(self._run_handler, handler, event, context)
         self._handlers[dispatch_id] = (greenlet, context)
         greenlet.rawlink(lambda _: self._handler_ended(dispatch_id))
 
@@ -328,14 +276,7 @@ class Agent(CapabilityRegistry):
         else:
             self._answer(dispatch_id, "send_error", "DISPATCH_FAILED", "handler gave no answer")
 
-    def _answer(self, dispatch_id: str, method: str, *args: Any) -> None:
-        """Send through the current connection (or the session outbox while down)."""
-        link = self.link
-        if link is None:
-            return
-        with contextlib.suppress(Exception):  # a dispatch that already ended is not an error
-            getattr(link.pump.conn, method)(dispatch_id, *args)
-        link.pump.service()
+    refresh_token = _owned(AgentBase.refresh_token)
 
     def connections(self) -> Iterator[AgentConnection]:
         """Yield each established connection; reconnect by the core's backoff and retry (spec 5)."""
@@ -347,17 +288,13 @@ class Agent(CapabilityRegistry):
                 if self.ready.is_set():
                     yield link.pump.conn
                 link.done.wait()
-                closed = self.last_closed
-                retry = closed.retry if closed is not None else RetryDecision.RETRY
-                if retry is RetryDecision.FINAL and not self._stopping and closed is not None:
-                    raise closed.error or DispatchError("", "CONNECTION_CLOSED", closed.reason)
+                retry = self._retry_decision()
             except (TimeoutError, OSError):
                 retry = RetryDecision.RETRY
             if self._stopping:
                 return
-            if retry is RetryDecision.REFRESH_TOKEN_THEN_RETRY and self._token_provider:
-                self.token = self._token_provider()
-                self.session.token_refreshed = True
+            if provider := self._token_refresher(retry):
+                self._use_fresh_token(provider())
             self._stop_event.wait(self.session.next_delay())  # stop() cuts the backoff short
 
     def _run_connections(self) -> None:
@@ -396,17 +333,9 @@ class Agent(CapabilityRegistry):
     @_owned
     def stop(self, grace: float | None = None) -> None:
         """close_request (spec 3): finish in-flight work up to the grace, then close 1000."""
-        self._stopping = True
         self._stop_event.set()
-        link, conn = self.link, self.conn
-        if link is not None and conn is not None and not conn.closed:
-            with contextlib.suppress(Exception):
-                if conn.ready and conn.state.name == "READY":
-                    conn.close_request(None if grace is None else int(grace),
-                                       "agent stopping", now=_now())
-                else:
-                    conn.close(1000, "agent stopping", now=_now())
-            link.pump.service()
+        link = self._begin_stop(grace)
+        if link is not None:
             wait = self.config.close_grace if grace is None else grace
             if not link.done.wait(wait + self.config.close_timeout + 1.0):
                 link.abort()
@@ -428,20 +357,12 @@ def connect(url: str, **options: Any) -> Agent:
     return Agent(url, **options)
 
 
-class AgentLink:
+class AgentLink(AgentLinkBase["MeshServer", _Link]):
     """The mesh's handle on one connected agent: send dispatches, block on their outcome."""
 
     def __init__(self, server: MeshServer, link: _Link) -> None:
-        self.server, self.link, self._hub = server, link, link._hub
-
-    @property
-    def conn(self) -> MeshConnection:
-        conn: MeshConnection = self.link.pump.conn
-        return conn
-
-    @property
-    def instance_id(self) -> str | None:
-        return self.conn.instance_id
+        super().__init__(server, link)
+        self._hub = link._hub
 
     @_owned
     def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
@@ -449,10 +370,8 @@ class AgentLink:
                  on_chunk: Callable[[Any], object] | None = None) -> Any:
         """Send a dispatch and return its result; raise `DispatchError` on failure (spec 3)."""
         outcome = gevent.event.AsyncResult()
-        dispatch_id = self.conn.send_dispatch(
-            capability, dict(arguments or {}), deadline_ms=deadline_ms, now=_now())
-        self.server.waiters.add(dispatch_id, outcome, on_chunk)
-        self.link.pump.service()
+        dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
+                                          waiter=outcome, on_chunk=on_chunk, now=_now())
         if self.link.queued > WRITE_BUFFER_LIMIT // 4:
             self.link.flushed.wait(deadline_ms / 1000)  # backpressure, not memory growth
         try:
@@ -461,41 +380,29 @@ class AgentLink:
             self.server.waiters.discard(dispatch_id)
 
 
-class MeshServer:
+class MeshServer(MeshBase[AgentLink, _Link]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
     `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
     `sub`) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None.
     `ssl_context` may be gevent's or the standard library's `SSLContext`.
+    `on_event` gets the events the mesh does not consume itself.
     """
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None,
-                 verify_token: Callable[[str], Any],
-                 lookup_instance: Callable[[str], InstanceRecord | None],
-                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
-                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
-                 backlog: int = 4096) -> None:
-        self.config = config or Config()
-        self._ssl = ssl_context
-        self._verify_token, self._lookup = verify_token, lookup_instance
-        self._mint = dispatch_auth
-        self.store = resume_store or ResumeStore(window=self.config.resume_window)
-        self.max_connections, self.backlog = max_connections, backlog
-        self.waiters = MeshWaiters()
-        self.agents: dict[str, AgentLink] = {}
-        self.links: set[_Link] = set()
+    _clock = staticmethod(_now)
+
+    def _init_adapter(self) -> None:
         self._agents_changed, self._closed = gevent.event.Event(), gevent.event.Event()
         self._hub: Any = None
         self._server: StreamServer | None = None
         self._store_timer: _Timer | None = None
-        self.on_event: Callable[[AgentLink, Event], None] | None = None
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen (large backlog, for reconnect storms) and accept in this thread's hub.
 
         Past `max_connections`, new connections wait in the backlog until one ends."""
         self._hub = gevent.get_hub()
-        self._store_timer = _Timer(self._expire_store)
+        self._store_timer = _Timer(lambda: self._expire_store(_now()))
         self._server = StreamServer((host, port), self._serve, backlog=self.backlog,
                                     spawn=Pool(self.max_connections))
         self._server.start()
@@ -514,13 +421,7 @@ class MeshServer:
             if self._ssl is not None:
                 with gevent.Timeout(self.config.hello_timeout, TimeoutError):
                     sock = _tls(self._ssl, sock)
-            conn = MeshConnection(dispatch_auth=self._mint, now=_now(), wall_clock=time.time,
-                                  config=self.config, resume_store=self.store,
-                                  verify_token=self._verify_token)
-            handle: list[AgentLink] = []
-            link = _Link(conn, sock, lambda event: self._on_event(handle[0], event))
-            handle.append(AgentLink(self, link))
-            self.links.add(link)
+            link = self._open_link(lambda conn, on_event: _Link(conn, sock, on_event))
             link.start()
             link.done.wait()
         except (OSError, TimeoutError):
@@ -529,28 +430,14 @@ class MeshServer:
             if link is not None:
                 self.links.discard(link)
 
-    def _on_event(self, agent: AgentLink, event: Event) -> None:
-        conn = agent.conn
-        if isinstance(event, UpgradeRequest):
-            decision = check_upgrade(event.request, verify_token=self._verify_token,
-                                     lookup_instance=self._lookup)
-            if isinstance(decision, Accept):
-                record = self._lookup(decision.instance_id)
-                conn.accept(decision, agent_type=record.agent_type if record else None,
-                            now=_now())
-            else:
-                conn.reject(decision, now=_now())
-        elif isinstance(event, SessionStarted):
-            self.agents[event.instance_id] = agent
-            self._notify_agents()
-        elif isinstance(event, ConnectionClosed):
-            if conn.instance_id and self.agents.get(conn.instance_id) is agent:
-                del self.agents[conn.instance_id]
-            self._arm_store_timer()
-        elif not self.waiters.dispatch_event(event) and self.on_event is not None:
-            self.on_event(agent, event)
+    def _new_agent_link(self, link: _Link) -> AgentLink:
+        return AgentLink(self, link)
 
-    def _notify_agents(self) -> None:
+    def _tell_application(self, agent: AgentLink, event: Event, routed: bool) -> None:
+        if not routed:
+            super()._tell_application(agent, event, routed)
+
+    def _agent_arrived(self) -> None:
         changed, self._agents_changed = self._agents_changed, gevent.event.Event()
         changed.set()  # wakes every current waiter; later ones wait on the fresh event
 
@@ -565,36 +452,20 @@ class MeshServer:
     @_owned
     def dispatch(self, instance_id: str, capability: str,
                  arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
-        agent = self.agents.get(instance_id)
-        if agent is None or not agent.conn.accepting_dispatches:
-            raise DispatchError("", "AGENT_UNAVAILABLE", f"{instance_id} is not connected")
-        return agent.dispatch(capability, arguments, **options)
+        return self._available_agent(instance_id).dispatch(capability, arguments, **options)
 
     def _arm_store_timer(self) -> None:
         if self._store_timer is not None:
             self._store_timer.arm(None if self._closed.is_set() else self.store.next_deadline())
-
-    def _expire_store(self) -> None:
-        for event in held_failures(self.store.expire(_now())):
-            self.waiters.dispatch_event(event)
-        self._arm_store_timer()
 
     @_owned
     def close(self, grace: float | None = None) -> None:
         """Shutdown (spec 3, 4): close_request to every agent, wait the grace, 1001 the rest."""
         if self._server is not None:
             self._server.close()  # stop accepting; the connections drain below
-        grace = self.config.close_grace if grace is None else grace
-        for link in list(self.links):
-            with contextlib.suppress(Exception):
-                link.pump.conn.close_request(int(grace), "mesh shutting down", now=_now())
-            link.pump.service()
+        grace = self._request_close_all(grace)
         gevent.wait([link.done for link in self.links], timeout=grace + self.config.close_timeout)
-        for link in list(self.links):
-            with contextlib.suppress(Exception):
-                link.pump.conn.close(1001, "mesh shutting down", now=_now())
-            link.pump.service()
-            link.abort()
+        self._close_all()
         self._closed.set()
         self._arm_store_timer()  # stops it
         self.waiters.fail_all("AGENT_DISCONNECTED", "mesh shut down")
