@@ -14,6 +14,7 @@ concurrency: the hooks those bases name.
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -68,6 +69,8 @@ __all__ = [
     "client_ssl_context",
     "handler_outcome",
 ]
+
+log = logging.getLogger("svantic_adapters")
 
 
 class DispatchError(SvanticError):
@@ -546,20 +549,31 @@ class MeshBase(Generic[AgentT, LinkT]):
         raise NotImplementedError
 
     def _answer_upgrade(self, conn: MeshConnection, event: UpgradeRequest, now: float) -> None:
-        """Section 1's checks in the core's order, then 101 or the table's rejection."""
-        decision = check_upgrade(event.request, verify_token=self._verify_token,
-                                 lookup_instance=self._lookup)
+        """Section 1's checks in the core's order, then 101 or the table's rejection.
+
+        A failing instance lookup is an outage, not a rejection: 503, which clients retry.
+        """
+        try:
+            decision = check_upgrade(event.request, verify_token=self._verify_token,
+                                     lookup_instance=self._lookup)
+            record = None if isinstance(decision, Reject) else self._lookup(decision.instance_id)
+        except Exception:
+            log.exception("upgrade check failed")
+            conn.reject(status=503, code="INTERNAL", message="try again later", now=now)
+            return
         if isinstance(decision, Reject):
             conn.reject(decision, now=now)
         else:
-            record = self._lookup(decision.instance_id)
             conn.accept(decision, agent_type=record.agent_type if record else None, now=now)
 
     def _tell_application(self, agent: AgentT, event: Event, routed: bool) -> None:
         """Every event to `on_event`, for metrics and the application; `routed` says
         whether the mesh consumed it (handshake, session, a dispatch outcome)."""
         if self.on_event is not None:
-            self.on_event(agent, event)
+            try:
+                self.on_event(agent, event)
+            except Exception:  # an application callback must not take the server down
+                log.exception("on_event failed")
 
     # -- shared behaviour -------------------------------------------------------------------
 

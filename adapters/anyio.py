@@ -21,13 +21,12 @@ import anyio
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 from anyio.streams.tls import TLSListener
 
-from svantic_proto import AgentConnection, LocalProtocolError, MeshConnection, RetryDecision
+from svantic_proto import AgentConnection, LocalProtocolError, RetryDecision
 from svantic_proto.events import (
     ConnectionClosed,
     DispatchReceived,
     Event,
     SessionStarted,
-    UpgradeRequest,
 )
 
 from ._pump import Pump
@@ -477,19 +476,6 @@ class MeshServer(MeshBase[AgentLink, _Link]):
 
     def _new_agent_link(self, link: _Link) -> AgentLink:
         return AgentLink(self, link)
-
-    def _answer_upgrade(self, conn: MeshConnection, event: UpgradeRequest, now: float) -> None:
-        try:
-            super()._answer_upgrade(conn, event, now)
-        except Exception:  # e.g. the instance registry is down: that is no rejection
-            log.exception("upgrade check failed")
-            conn.close(1011, "upgrade check failed", now=now)
-
-    def _tell_application(self, agent: AgentLink, event: Event, routed: bool) -> None:
-        try:
-            super()._tell_application(agent, event, routed)
-        except Exception:  # an application callback must not take the server down
-            log.exception("on_event failed")
 
     def _agent_arrived(self) -> None:
         arrived, self._arrival = self._arrival, anyio.Event()

@@ -386,7 +386,7 @@ class MeshServer(MeshBase[AgentLink, _Link]):
     `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
     `sub`) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None.
     `ssl_context` may be gevent's or the standard library's `SSLContext`.
-    `on_event` gets the events the mesh does not consume itself.
+    `on_event` gets every event, as on the other adapters (it runs in the owning hub).
     """
 
     _clock = staticmethod(_now)
@@ -432,10 +432,6 @@ class MeshServer(MeshBase[AgentLink, _Link]):
 
     def _new_agent_link(self, link: _Link) -> AgentLink:
         return AgentLink(self, link)
-
-    def _tell_application(self, agent: AgentLink, event: Event, routed: bool) -> None:
-        if not routed:
-            super()._tell_application(agent, event, routed)
 
     def _agent_arrived(self) -> None:
         changed, self._agents_changed = self._agents_changed, gevent.event.Event()
