@@ -28,6 +28,7 @@ from svantic_proto import (
     AgentState,
     Config,
     DispatchAuthVerifier,
+    FrameFactory,
     InstanceRecord,
     MeshConnection,
     ResumeStore,
@@ -521,6 +522,7 @@ class MeshBase(Generic[AgentT, LinkT]):
         self._verify_token, self._lookup = verify_token, lookup_instance
         self._mint = dispatch_auth
         self.store = resume_store or ResumeStore(window=self.config.resume_window)
+        self._frames = FrameFactory(time.time)  # one id source for every connection
         self.max_connections, self.backlog = max_connections, backlog
         self.waiters = MeshWaiters()
         self.agents: dict[str, AgentT] = {}
@@ -582,7 +584,7 @@ class MeshBase(Generic[AgentT, LinkT]):
         """A core connection for an accepted transport, its link and agent handle, in `links`."""
         conn = MeshConnection(dispatch_auth=self._mint, now=self._clock(), wall_clock=time.time,
                               config=self.config, resume_store=self.store,
-                              verify_token=self._verify_token)
+                              verify_token=self._verify_token, frames=self._frames)
         handle: list[AgentT] = []
         link = make_link(conn, lambda event: self._on_event(handle[0], event))
         handle.append(self._new_agent_link(link))

@@ -21,7 +21,7 @@ import msgspec
 
 from .auth import DispatchAuthError, DispatchAuthVerifier
 from .backoff import Backoff, RetryDecision, classify_close, classify_handshake_status
-from .codec import encode_frame
+from .codec import FrameFactory, encode_frame
 from .config import Config
 from .connection import _Connection
 from .errors import LocalProtocolError, RemoteProtocolError, SvanticError
@@ -152,9 +152,12 @@ class AgentConnection(_Connection):
         wall_clock: Callable[[], float],
         random_bytes: Callable[[int], bytes] | None = None,
         allow_insecure_loopback: bool = False,
+        frames: FrameFactory | None = None,
     ) -> None:
         config = config if config is not None else (session.config if session else None)
-        super().__init__(config, now=now, wall_clock=wall_clock, random_bytes=random_bytes)
+        super().__init__(
+            config, now=now, wall_clock=wall_clock, random_bytes=random_bytes, frames=frames
+        )
         self.state = AgentState.CONNECTING
         self.session = session if session is not None else AgentSession(self.config)
         self.session.connections += 1

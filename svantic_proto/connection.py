@@ -94,9 +94,12 @@ class _Connection:
         now: float,
         wall_clock: Callable[[], float],
         random_bytes: Callable[[int], bytes] | None,
+        frames: FrameFactory | None = None,
     ) -> None:
         self.config = config if config is not None else Config()
-        self.frames = FrameFactory(wall_clock, random_bytes)
+        # Ids must be unique and increasing per process, not per connection: a server passes
+        # one factory to all its connections, which keeps each idle connection small.
+        self.frames = frames if frames is not None else FrameFactory(wall_clock, random_bytes)
         self.stats = ConnectionStats()
         self._wall_clock = wall_clock
         self._out: list[bytes] = []

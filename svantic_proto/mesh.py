@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .backoff import RetryDecision
+from .codec import FrameFactory
 from .config import Config
 from .connection import _Connection
 from .errors import InvalidState, LocalProtocolError, RemoteProtocolError
@@ -179,8 +180,11 @@ class MeshConnection(_Connection):
         verify_token: TokenVerifier | None = None,
         connection_id: str | None = None,
         random_bytes: Callable[[int], bytes] | None = None,
+        frames: FrameFactory | None = None,
     ) -> None:
-        super().__init__(config, now=now, wall_clock=wall_clock, random_bytes=random_bytes)
+        super().__init__(
+            config, now=now, wall_clock=wall_clock, random_bytes=random_bytes, frames=frames
+        )
         self.state = MeshState.HANDSHAKE
         self._handshake: ServerHandshake | None = ServerHandshake(
             max_header_bytes=self.config.max_handshake_bytes
