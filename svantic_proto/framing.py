@@ -10,17 +10,44 @@ permessage-deflate is never used (section 4: it inflates without bound).
 
 Usage: feed `receive_data(bytes)` (or `None` at EOF), act on the returned
 events, then write `data_to_send()` to the transport.
+
+Fast path. wsproto's pure-Python frame parser and serialiser cost ~8 us per frame,
+most of a dispatch round trip. Nearly every frame of section 2 is a whole,
+unfragmented text message, so `Framing` parses and serialises exactly those itself
+and hands everything else to wsproto, with the same events and the same queued
+bytes for every input stream (a differential test checks this):
+
+* receive: only while wsproto holds no buffered bytes, no half-parsed frame and no
+  message in progress, whole text frames (FIN set, RSV clear, masked iff we are
+  the server, minimal length, at most `max_message_bytes`, strict UTF-8) are
+  decoded from the front of the input. At the first frame that is anything else
+  (control, fragment, binary, invalid, oversized, incomplete) *all* remaining
+  bytes go to wsproto, which then reports or fails exactly as it would have.
+* send: text frames are serialised here (wsproto keeps no send state for a whole
+  data frame); ping, pong and close still go through wsproto, which owns the
+  closing state.
+
+The receive side reads wsproto internals, all set up by `FrameProtocol.__init__`
+(checked on wsproto 1.3.2): `Connection._proto._frame_decoder` with `.buffer.buffer`
+(the unparsed bytes) and `.header` (a frame whose payload is still arriving), and
+`Connection._proto._message_decoder.opcode` (a fragmented message in progress).
+If a wsproto lays them out otherwise, the fast path turns itself off. It also relies
+on `Framing` itself: a close received, a failure or EOF sets `_done`, so wsproto's
+parser is never consulted again once it has stopped.
 """
 
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from os import urandom
 from typing import Any, TypeAlias
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
+from wsproto.frame_protocol import Buffer, FrameDecoder, MessageDecoder
 from wsproto.utilities import LocalProtocolError as _WsprotoLocalProtocolError
 
 from .errors import LocalProtocolError
@@ -60,6 +87,34 @@ _MESSAGE_TOO_BIG = 1009
 _SENDABLE_CLOSE_CODES = frozenset(
     (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013)
 )
+
+# -- fast path constants (RFC 6455 section 5.2) --------------------------------------
+
+_FAST_PATH_DEFAULT = True
+"""Whether a new `Framing` parses and serialises whole text frames itself."""
+
+_FIN_TEXT = 0x81  # FIN set, RSV1-3 clear, opcode TEXT: the only first byte we take
+_MASK_BIT = 0x80
+_LENGTH_16 = 126  # the 7-bit length field's markers for a 16- and a 64-bit length
+_LENGTH_64 = 127
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
+
+# (Un)masking: one big-int XOR is fastest for small payloads (JSON frames of a few
+# hundred bytes); above this size four strided `bytes.translate` calls win. Measured
+# int/translate time: 0.64x at 256 bytes, 0.75x at 300, 1.0x at 1 KiB, 1.3x at 64 KiB.
+_INT_XOR_MAX_BYTES = 1024
+_XOR_TABLES = tuple(
+    (
+        int.from_bytes(bytes(range(256)), "little") ^ int.from_bytes(bytes((key,)) * 256, "little")
+    ).to_bytes(256, "little")
+    for key in range(256)
+)
+
+# Client masking keys (RFC 6455 5.3: unpredictable, fresh per frame) are cut from
+# an os.urandom pool, refilled when spent: one system call per 64 frames instead
+# of one per frame. Allocated on the first send, so servers never hold one.
+_MASK_POOL_BYTES = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +205,47 @@ class FramingState(enum.Enum):
 _TRANSPORT_CLOSED = TransportClosed()
 
 
+def _xor_mask(data: bytes | bytearray, start: int, stop: int, key: bytes) -> bytes | bytearray:
+    """`data[start:stop]` XOR the repeated 4-byte `key` (RFC 6455 5.3), both ways."""
+    length = stop - start
+    if length <= _INT_XOR_MAX_BYTES:
+        from_bytes = int.from_bytes
+        repeated_key = (key * ((length + 3) >> 2))[:length]
+        return (
+            from_bytes(data[start:stop], "little") ^ from_bytes(repeated_key, "little")
+        ).to_bytes(length, "little")
+    tables = _XOR_TABLES
+    out = bytearray(length)
+    out[0::4] = data[start:stop:4].translate(tables[key[0]])
+    out[1::4] = data[start + 1 : stop : 4].translate(tables[key[1]])
+    out[2::4] = data[start + 2 : stop : 4].translate(tables[key[2]])
+    out[3::4] = data[start + 3 : stop : 4].translate(tables[key[3]])
+    return out
+
+
+def _wsproto_receive_state(
+    connection: Connection,
+) -> tuple[FrameDecoder, Buffer, MessageDecoder] | None:
+    """The wsproto objects whose state says "idle" (see the module docstring), or None
+    if this wsproto lays them out differently: then the fast path stays off."""
+    protocol = getattr(connection, "_proto", None)
+    frame_decoder = getattr(protocol, "_frame_decoder", None)
+    message_decoder = getattr(protocol, "_message_decoder", None)
+    if not isinstance(frame_decoder, FrameDecoder) or not isinstance(
+        message_decoder, MessageDecoder
+    ):
+        return None
+    buffer = getattr(frame_decoder, "buffer", None)
+    if (
+        not isinstance(buffer, Buffer)
+        or not isinstance(getattr(buffer, "buffer", None), bytearray)
+        or getattr(frame_decoder, "header", False) is not None
+        or getattr(message_decoder, "opcode", False) is not None
+    ):
+        return None
+    return frame_decoder, buffer, message_decoder
+
+
 class Framing:
     """One side of a WebSocket connection after the HTTP upgrade (sections 2 and 4).
 
@@ -160,18 +256,25 @@ class Framing:
     """
 
     __slots__ = (
+        "_client",
         "_close_received",
         "_closed_sent",
         "_connection",
         "_done",
+        "_fast_send",
         "_fragment_open",
         "_fragments",
         "_handlers",
+        "_mask_offset",
+        "_mask_pool",
         "_max_fragments",
         "_max_message_bytes",
         "_message_bytes",
         "_outgoing",
         "_text_parts",
+        "_ws_buffer",
+        "_ws_frame_decoder",
+        "_ws_message_decoder",
     )
 
     def __init__(
@@ -180,7 +283,10 @@ class Framing:
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_fragments: int = DEFAULT_MAX_FRAGMENTS,
+        _fast_path: bool = _FAST_PATH_DEFAULT,
     ) -> None:
+        """`_fast_path=False` (private, for tests and benchmarks) sends every frame
+        through wsproto, the reference the fast path must match."""
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
             raise LocalProtocolError("max_message_bytes must be an int")
         if isinstance(max_fragments, bool) or not isinstance(max_fragments, int):
@@ -192,6 +298,17 @@ class Framing:
         )
         self._max_message_bytes = max_message_bytes
         self._max_fragments = max_fragments
+        self._client = bool(client)
+        receive_state = _wsproto_receive_state(self._connection) if _fast_path else None
+        if receive_state is None:
+            self._ws_frame_decoder: FrameDecoder | None = None
+            self._ws_buffer: Buffer | None = None
+            self._ws_message_decoder: MessageDecoder | None = None
+        else:
+            self._ws_frame_decoder, self._ws_buffer, self._ws_message_decoder = receive_state
+        self._fast_send = bool(_fast_path)
+        self._mask_pool = b""
+        self._mask_offset = 0
         self._outgoing: list[bytes] = []
         # Reassembly of the message in progress: `_fragments` counts frames started,
         # `_fragment_open` says the last event ended inside a frame (wsproto streams
@@ -243,9 +360,44 @@ class Framing:
         if self._closed_sent or self._done:
             raise LocalProtocolError("cannot send a message after the WebSocket close")
         try:
-            self._outgoing.append(self._connection.send(TextMessage(data=text)))
+            # wsproto is OPEN whenever the flags above allow a send; the state check
+            # is a safety net, so that a send it would refuse is still refused.
+            if not self._fast_send or self._connection.state is not ConnectionState.OPEN:
+                self._outgoing.append(self._connection.send(TextMessage(data=text)))
+                return
+            payload = text.encode("utf-8")
         except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 form
             raise LocalProtocolError(f"text is not encodable as UTF-8: {exc}") from exc
+        # The fast path: the same bytes wsproto writes for a whole text message (RFC
+        # 6455 5.2: FIN, minimal length; a client masks with a fresh key), which
+        # leaves its send state untouched: it keeps none between whole messages.
+        length = len(payload)
+        if not self._client:
+            if length < _LENGTH_16:
+                self._outgoing.append(bytes((_FIN_TEXT, length)) + payload)
+            elif length <= 0xFFFF:
+                self._outgoing.append(_HEADER_16.pack(_FIN_TEXT, _LENGTH_16, length) + payload)
+            else:
+                self._outgoing.append(_HEADER_64.pack(_FIN_TEXT, _LENGTH_64, length) + payload)
+            return
+        if length < _LENGTH_16:
+            header = bytes((_FIN_TEXT, _MASK_BIT | length))
+        elif length <= 0xFFFF:
+            header = _HEADER_16.pack(_FIN_TEXT, _MASK_BIT | _LENGTH_16, length)
+        else:
+            header = _HEADER_64.pack(_FIN_TEXT, _MASK_BIT | _LENGTH_64, length)
+        key = self._next_mask_key()
+        self._outgoing.append(header + key + _xor_mask(payload, 0, length, key))
+
+    def _next_mask_key(self) -> bytes:
+        """4 fresh bytes from the pool (RFC 6455 5.3), refilled from os.urandom."""
+        offset = self._mask_offset
+        pool = self._mask_pool
+        if offset >= len(pool):
+            pool = self._mask_pool = urandom(_MASK_POOL_BYTES)
+            offset = 0
+        self._mask_offset = offset + 4
+        return pool[offset : offset + 4]
 
     def send_ping(self, payload: bytes = b"") -> None:
         """Queue a WebSocket ping (section 4 liveness); at most 125 bytes.
@@ -299,11 +451,95 @@ class Framing:
             self._done = True
             self._text_parts = []
             return [_TRANSPORT_CLOSED]
+        events: list[FramingEvent] = []
+        frame_decoder = self._ws_frame_decoder
+        if (
+            frame_decoder is not None
+            and frame_decoder.header is None
+            and not self._ws_buffer.buffer  # type: ignore[union-attr]
+            and self._ws_message_decoder.opcode is None  # type: ignore[union-attr]
+        ):
+            consumed = self._receive_whole_text_frames(data, events)
+            if consumed == len(data):
+                return events
+            if consumed:
+                data = data[consumed:]
         if len(data) > _FEED_SLICE_BYTES:
-            return self._receive_in_slices(data)
+            view = memoryview(data)
+            for start in range(0, len(data), _FEED_SLICE_BYTES):
+                self._receive_through_wsproto(
+                    bytes(view[start : start + _FEED_SLICE_BYTES]), events
+                )
+                if self._done:
+                    break
+        else:
+            self._receive_through_wsproto(data, events)
+        return events
+
+    def _receive_whole_text_frames(self, data: bytes, events: list[FramingEvent]) -> int:
+        """The receive fast path: decode whole text frames from the front of `data`
+        and return how many bytes they took.
+
+        Stops, consuming nothing more, at the first frame wsproto must see: one that
+        is not FIN+TEXT with RSV clear, is masked wrongly for our side, encodes its
+        length non-minimally (RFC 6455 5.2 requires the minimal form; wsproto fails
+        it 1002), is over `max_message_bytes` (1009 as the limit is crossed, section
+        4), is not strict UTF-8 (1007, section 2), or is incomplete. wsproto then
+        gives the exact events and close of today, so nothing here can fail.
+        """
+        if not isinstance(data, bytes | bytearray):
+            data = bytes(data)
+        end = len(data)
+        position = 0
+        masked = not self._client  # RFC 6455 5.1: clients mask, servers never do
+        mask_bit = _MASK_BIT if masked else 0
+        max_bytes = self._max_message_bytes
+        while end - position >= 2:
+            if data[position] != _FIN_TEXT:
+                break
+            second = data[position + 1]
+            if (second & _MASK_BIT) != mask_bit:
+                break
+            length = second & 0x7F
+            start = position + 2
+            if length == _LENGTH_16:
+                if end - start < 2:
+                    break
+                length = (data[start] << 8) | data[start + 1]
+                if length < _LENGTH_16:
+                    break
+                start += 2
+            elif length == _LENGTH_64:
+                if end - start < 8:
+                    break
+                length = int.from_bytes(data[start : start + 8], "big")
+                if length <= 0xFFFF or length >> 63:
+                    break
+                start += 8
+            if length > max_bytes:
+                break
+            payload: bytes | bytearray
+            if masked:
+                stop = start + 4 + length
+                if stop > end:
+                    break
+                payload = _xor_mask(data, start + 4, stop, data[start : start + 4])
+            else:
+                stop = start + length
+                if stop > end:
+                    break
+                payload = data[start:stop]
+            try:
+                text = payload.decode("utf-8")
+            except UnicodeDecodeError:
+                break
+            events.append(TextReceived(text))
+            position = stop
+        return position
+
+    def _receive_through_wsproto(self, data: bytes, events: list[FramingEvent]) -> None:
         connection = self._connection
         connection.receive_data(data)
-        events: list[FramingEvent] = []
         max_bytes = self._max_message_bytes
         for event in connection.events():
             if type(event) is TextMessage:
@@ -343,16 +579,6 @@ class Framing:
                 self._handlers[type(event)](event, events)
                 if self._done:
                     break
-        return events
-
-    def _receive_in_slices(self, data: bytes) -> list[FramingEvent]:
-        events: list[FramingEvent] = []
-        view = memoryview(data)
-        for start in range(0, len(data), _FEED_SLICE_BYTES):
-            events += self.receive_data(bytes(view[start : start + _FEED_SLICE_BYTES]))
-            if self._done:
-                break
-        return events
 
     # -- rarer events (dispatched on type) -----------------------------------
 
