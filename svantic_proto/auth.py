@@ -334,6 +334,40 @@ class _ClaimsMinter:
         )
         return b64url_encode(_JSON_ENCODER.encode(claims))
 
+    def mint_token(
+        self,
+        *,
+        instance_id: str,
+        agent_type: str,
+        tenant_id: str,
+        dispatch_id: str,
+        capability: str,
+        now: float,
+    ) -> str:
+        """The compact JWT alone; each key type signs it its own way."""
+        raise NotImplementedError
+
+    def mint(
+        self,
+        *,
+        instance_id: str,
+        agent_type: str,
+        tenant_id: str,
+        dispatch_id: str,
+        capability: str,
+        now: float,
+    ) -> dict[str, str]:
+        """The `dispatch_auth` envelope to put in the dispatch payload (spec section 3)."""
+        token = self.mint_token(
+            instance_id=instance_id,
+            agent_type=agent_type,
+            tenant_id=tenant_id,
+            dispatch_id=dispatch_id,
+            capability=capability,
+            now=now,
+        )
+        return {"type": "svantic_jwt", "token": token}
+
 
 class DispatchAuthMinter(_ClaimsMinter):
     """Mesh side of `svantic_jwt` with HS256 and the mesh's `SIGNING_SECRET` (spec section 7).
@@ -376,27 +410,6 @@ class DispatchAuthMinter(_ClaimsMinter):
             now=now,
         )
         return (signing_input + b"." + self._signer.sign(signing_input)).decode("ascii")
-
-    def mint(
-        self,
-        *,
-        instance_id: str,
-        agent_type: str,
-        tenant_id: str,
-        dispatch_id: str,
-        capability: str,
-        now: float,
-    ) -> dict[str, str]:
-        """The `dispatch_auth` envelope to put in the dispatch payload (spec section 3)."""
-        token = self.mint_token(
-            instance_id=instance_id,
-            agent_type=agent_type,
-            tenant_id=tenant_id,
-            dispatch_id=dispatch_id,
-            capability=capability,
-            now=now,
-        )
-        return {"type": "svantic_jwt", "token": token}
 
 
 def shared_secret_envelope(secret: str) -> dict[str, str]:
@@ -502,27 +515,6 @@ class AsymmetricDispatchAuthMinter(_ClaimsMinter):
         )
         signature = self._signer.sign(signing_input, self._private_key)
         return (signing_input + b"." + b64url_encode(signature)).decode("ascii")
-
-    def mint(
-        self,
-        *,
-        instance_id: str,
-        agent_type: str,
-        tenant_id: str,
-        dispatch_id: str,
-        capability: str,
-        now: float,
-    ) -> dict[str, str]:
-        """The `dispatch_auth` envelope to put in the dispatch payload (spec section 3)."""
-        token = self.mint_token(
-            instance_id=instance_id,
-            agent_type=agent_type,
-            tenant_id=tenant_id,
-            dispatch_id=dispatch_id,
-            capability=capability,
-            now=now,
-        )
-        return {"type": "svantic_jwt", "token": token}
 
 
 # --------------------------------------------------------------------------- verifying
