@@ -26,9 +26,8 @@ from .framing import (
     BinaryReceived,
     CloseReceived,
     Framing,
+    FramingEvent,
     FramingFailed,
-    PingReceived,
-    PongReceived,
     TextReceived,
     TransportClosed,
 )
@@ -237,31 +236,27 @@ class _Connection:
         for event in framing.receive_data(data):
             self._on_framing_event(event, now)
 
-    def _on_framing_event(self, event: object, now: float) -> None:
-        kind = type(event)
-        if kind is TextReceived:
+    def _on_framing_event(self, event: FramingEvent, now: float) -> None:
+        if isinstance(event, TextReceived):
             if self.state.name in ("CLOSING", "CLOSED"):
                 return  # after our close frame the peer's frames are moot
-            self._on_text(event.text, now)  # type: ignore[attr-defined]
-        elif kind is BinaryReceived:
+            self._on_text(event.text, now)
+        elif isinstance(event, BinaryReceived):
             binary = "binary messages are not used by svantic.v1"
             self._close_error = RemoteProtocolError(binary, close_code=1003)  # keep the cause
             self._fail(1003, binary, now)
-        elif kind is CloseReceived:
-            code: int | None = event.code  # type: ignore[attr-defined]
-            self._peer_closed(code, event.reason, now)  # type: ignore[attr-defined]
-        elif kind is FramingFailed:
-            reason: str = event.reason  # type: ignore[attr-defined]
+        elif isinstance(event, CloseReceived):
+            self._peer_closed(event.code, event.reason, now)
+        elif isinstance(event, FramingFailed):
             self._close_error = RemoteProtocolError(
-                reason, code="BAD_FRAME", close_code=event.close_code  # type: ignore[attr-defined]
+                event.reason, code="BAD_FRAME", close_code=event.close_code
             )
             # Framing queued the close frame itself: report, then drop the transport.
-            self._finish(event.close_code, reason, by_peer=False, now=now)  # type: ignore[attr-defined]
+            self._finish(event.close_code, event.reason, by_peer=False, now=now)
             self._drop_transport()
-        elif kind is TransportClosed:
+        elif isinstance(event, TransportClosed):
             self._lost("transport ended without a close frame", now)
-        elif kind is PingReceived or kind is PongReceived:
-            pass  # pong already queued by Framing; any traffic counts as liveness
+        # PingReceived / PongReceived: Framing queued the pong; any traffic is liveness.
 
     def _on_text(self, text: str, now: float) -> None:
         try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 __all__ = [
@@ -383,4 +382,3 @@ for _cls in FRAME_TYPES.values():
         # as None, so code can ask any frame for it without isinstance chains.
         _cls.in_reply_to = None  # type: ignore[union-attr]
 del _cls
-_ = msgspec  # re-exported names keep msgspec a visible dependency of this schema
