@@ -295,8 +295,8 @@ class MeshConnection(_Connection):
     def _on_frame(self, frame: Frame, now: float) -> None:
         kind = type(frame)
         if self.state is MeshState.AWAITING_HELLO:
-            if kind is Hello:
-                self._on_hello(frame, now)  # type: ignore[arg-type]
+            if isinstance(frame, Hello):
+                self._on_hello(frame, now)
             else:
                 self._violation(f"the first frame must be hello, not {frame.type}", frame.id, now)
             return
