@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 from anyio.streams.tls import TLSListener
 
@@ -67,9 +68,8 @@ class _Timer:
         self._closed = True
         self._scope.cancel()
 
-    def fire_if_due(self) -> None:
+    def fire_if_due(self, now: float) -> None:
         """Run a deadline that has passed; the reader calls it first, as it came first."""
-        now = anyio.current_time()
         if not self._closed and self.deadline is not None and now >= self.deadline:
             self.deadline = None
             self._fire(now)  # which re-arms through arm()
@@ -80,36 +80,42 @@ class _Timer:
                 deadline=math.inf if self.deadline is None else self.deadline)
             with self._scope:
                 await anyio.sleep_forever()
-            self.fire_if_due()
+            self.fire_if_due(anyio.current_time())
 
 
 class _Link:
     """One byte stream and one core connection, driven by a `Pump`.
 
-    A reader task feeds the core; a writer task sends the pump's batches in
-    order, then closes the stream; a timer task serves `next_deadline()`.
+    A reader task feeds the core; a writer task sends everything queued since
+    its last send in one `send()`, in order, then closes the stream; a timer
+    task serves `next_deadline()`. The backend's clock, event and scope factories are
+    looked up once here: `anyio.current_time()` and `anyio.Event()` ask sniffio
+    on every call, several times per message.
     """
 
     def __init__(self, conn: Any, stream: ByteStream, on_event: Callable[[Event], None],
                  close_timeout: float) -> None:
+        backend = anyio.lowlevel.current_token().backend_class
+        self.now, self.new_event = backend.current_time, backend.create_event
+        self.new_scope = backend.create_cancel_scope
         self.stream, self._close_timeout = stream, close_timeout
-        self._timer = _Timer(lambda now: self._drive(self.pump.timer))
+        self._timer = _Timer(lambda now: self._drive(self.pump.timer, now))
         self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
                          arm_timer=self._timer.arm)
-        self.settled = anyio.Event()
+        self.settled = self.new_event()
         """Set by the owner once the session started, and when the link ends."""
-        self.done = anyio.Event()
+        self.done = self.new_event()
         self.queued = 0
-        self._outgoing, self._to_send = anyio.create_memory_object_stream[bytes](math.inf)
-        self._progress = anyio.Event()
+        self._pending: list[bytes] = []
+        self._wake, self._progress = self.new_event(), self.new_event()
         self._closing = False
-        self._send_scope = anyio.CancelScope()
+        self._send_scope = self.new_scope()
 
     def _write(self, chunks: list[bytes]) -> None:
         if not self._closing:  # after the core's close (or an abort) nothing more goes out
-            data = b"".join(chunks)  # one write per pump pass
-            self.queued += len(data)
-            self._outgoing.send_nowait(data)
+            self._pending += chunks
+            self.queued += sum(map(len, chunks))
+            self._wake.set()
             if self.queued > WRITE_BUFFER_LIMIT:
                 self.abort()  # the peer stopped reading: do not grow memory without limit
 
@@ -117,8 +123,8 @@ class _Link:
         """The core said close: flush what is queued (for at most close_timeout), then close."""
         if not self._closing:
             self._closing = True
-            self._send_scope.deadline = anyio.current_time() + self._close_timeout
-            self._outgoing.close()
+            self._send_scope.deadline = self.now() + self._close_timeout
+            self._wake.set()
         self._timer.close()
 
     def abort(self) -> None:
@@ -133,9 +139,9 @@ class _Link:
     def service(self) -> None:
         self.pump.service()
 
-    def _drive(self, step: Callable[..., None], *data: bytes) -> None:
+    def _drive(self, step: Callable[..., None], *args: Any) -> None:
         try:
-            step(*data, anyio.current_time())
+            step(*args)
         except Exception:  # a failing callback drops this connection, not its neighbours
             log.exception("dropping the connection")
             self.abort()
@@ -147,17 +153,22 @@ class _Link:
 
     async def _write_loop(self) -> None:
         try:
-            with self._send_scope, self._to_send:
-                async for data in self._to_send:
+            with self._send_scope:
+                while self._pending or not self._closing:
+                    if not self._pending:  # a fresh event, so a set from before is not seen
+                        self._wake = self.new_event()
+                        await self._wake.wait()
+                        continue
+                    data = b"".join(self._pending)  # all that queued while we sent: one send
+                    self._pending.clear()
                     await self.stream.send(data)
                     self.queued -= len(data)
                     self._progress.set()
-                    self._progress = anyio.Event()
+                    self._progress = self.new_event()
         except Exception:  # the transport broke: the reader sees the end as well
             pass
         finally:
             self._closing = True
-            self._outgoing.close()
             self._progress.set()
             await anyio.aclose_forcefully(self.stream)
 
@@ -171,10 +182,11 @@ class _Link:
                         data = await self.stream.receive(READ_SIZE)
                     except Exception:  # EOF, reset, TLS failure, closed by the writer: the end
                         break
-                    self._timer.fire_if_due()  # a deadline that passed came before this input
-                    self._drive(self.pump.feed, data)
+                    now = self.now()
+                    self._timer.fire_if_due(now)  # a deadline that passed came before this input
+                    self._drive(self.pump.feed, data, now)
                 if not self.pump.closed:
-                    self._drive(self.pump.eof)
+                    self._drive(self.pump.eof, self.now())
                 self._close()
         finally:
             self.settled.set()
@@ -238,7 +250,7 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
 
     def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                        context: DispatchContext) -> None:
-        scope = anyio.CancelScope()  # made now, so a cancel before the task starts still counts
+        scope = cast(_Link, self.link).new_scope()  # made now: a cancel before its start counts
         self._handlers[event.dispatch_id] = scope
         group = cast(TaskGroup, self._group)  # `_handler_unavailable()` saw it set
         group.start_soon(self._run_handler, handler, event, context, scope)
@@ -373,11 +385,11 @@ class AgentLink(AgentLinkBase["MeshServer", _Link]):
                        deadline_ms: int = 30_000,
                        on_chunk: Callable[[Any], object] | None = None) -> Any:
         """Send a dispatch and return its result; raise `DispatchError` on failure."""
-        settled = anyio.Event()
+        settled = self.link.new_event()
         outcome = Outcome(settled.set)
         dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
                                           waiter=outcome, on_chunk=on_chunk,
-                                          now=anyio.current_time())
+                                          now=self.link.now())
         try:
             await self.link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure for callers
             await settled.wait()
