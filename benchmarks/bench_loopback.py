@@ -184,8 +184,8 @@ def recording_texts() -> Any:
     sent: list[str] = []
     send_text = Framing.send_text
 
-    def recording(framing: Framing, text: str) -> None:
-        sent.append(text)
+    def recording(framing: Framing, text: str | bytes) -> None:
+        sent.append(text if isinstance(text, str) else text.decode())
         send_text(framing, text)
 
     Framing.send_text = recording  # type: ignore[method-assign,assignment]

@@ -299,6 +299,8 @@ def _encode_header(alg: str, kid: str | None) -> bytes:
 class _ClaimsMinter:
     """Shared claim building for both minters: the claims are the same whatever signs them."""
 
+    _header_prefix: bytes  # the encoded header and its dot, fixed per minter
+
     def __init__(self, *, lifetime: int, issuer: str) -> None:
         _check_lifetime(lifetime)
         _check_text("issuer", issuer)
@@ -344,7 +346,19 @@ class _ClaimsMinter:
         capability: str,
         now: float,
     ) -> str:
-        """The compact JWT alone; each key type signs it its own way."""
+        """The compact JWT alone; `now` is the mesh's wall time in seconds."""
+        signing_input = self._header_prefix + self._claims_segment(
+            instance_id=instance_id,
+            agent_type=agent_type,
+            tenant_id=tenant_id,
+            dispatch_id=dispatch_id,
+            capability=capability,
+            now=now,
+        )
+        return (signing_input + b"." + self._sign(signing_input)).decode("ascii")
+
+    def _sign(self, signing_input: bytes) -> bytes:
+        """The base64url signature segment; each key type signs its own way."""
         raise NotImplementedError
 
     def mint(
@@ -390,26 +404,8 @@ class DispatchAuthMinter(_ClaimsMinter):
         self._signer = HS256Signer(_secret_bytes(secret, "secret"))
         self._header_prefix = _encode_header("HS256", kid) + b"."
 
-    def mint_token(
-        self,
-        *,
-        instance_id: str,
-        agent_type: str,
-        tenant_id: str,
-        dispatch_id: str,
-        capability: str,
-        now: float,
-    ) -> str:
-        """The compact JWT alone; `now` is the mesh's wall time in seconds."""
-        signing_input = self._header_prefix + self._claims_segment(
-            instance_id=instance_id,
-            agent_type=agent_type,
-            tenant_id=tenant_id,
-            dispatch_id=dispatch_id,
-            capability=capability,
-            now=now,
-        )
-        return (signing_input + b"." + self._signer.sign(signing_input)).decode("ascii")
+    def _sign(self, signing_input: bytes) -> bytes:
+        return self._signer.sign(signing_input)
 
 
 def shared_secret_envelope(secret: str) -> dict[str, str]:
@@ -494,27 +490,8 @@ class AsymmetricDispatchAuthMinter(_ClaimsMinter):
         """The JWKS document for `GET /.well-known/jwks.json` (spec section 6)."""
         return {"keys": [self.public_jwk()]}
 
-    def mint_token(
-        self,
-        *,
-        instance_id: str,
-        agent_type: str,
-        tenant_id: str,
-        dispatch_id: str,
-        capability: str,
-        now: float,
-    ) -> str:
-        """The compact JWT alone; `now` is the mesh's wall time in seconds."""
-        signing_input = self._header_prefix + self._claims_segment(
-            instance_id=instance_id,
-            agent_type=agent_type,
-            tenant_id=tenant_id,
-            dispatch_id=dispatch_id,
-            capability=capability,
-            now=now,
-        )
-        signature = self._signer.sign(signing_input, self._private_key)
-        return (signing_input + b"." + b64url_encode(signature)).decode("ascii")
+    def _sign(self, signing_input: bytes) -> bytes:
+        return b64url_encode(self._signer.sign(signing_input, self._private_key))
 
 
 # --------------------------------------------------------------------------- verifying

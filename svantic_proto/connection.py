@@ -302,7 +302,7 @@ class _Connection:
             # A reply to a message read in the same batch as the peer's close or a framing
             # failure: that close is queued already and nothing may follow it (RFC 6455 5.5.1).
             return
-        self._framing.send_text((encoded or encode_frame(frame)).decode())
+        self._framing.send_text(encoded or encode_frame(frame))
         self.stats.frames_sent += 1
 
     def _send_error(

@@ -351,10 +351,12 @@ class Framing:
 
     # -- sending -----------------------------------------------------------
 
-    def send_text(self, text: str) -> None:
+    def send_text(self, text: str | bytes) -> None:
         """Queue one text message (section 2: every frame is one text message).
 
-        Raises `LocalProtocolError` once a close was sent or the transport ended.
+        `text` may also be bytes already encoded as UTF-8 (the codec's output), so a
+        frame is not decoded to `str` only to be encoded again. Raises
+        `LocalProtocolError` once a close was sent or the transport ended.
         Then call `data_to_send()`.
         """
         if self._closed_sent or self._done:
@@ -363,10 +365,11 @@ class Framing:
             # wsproto is OPEN whenever the flags above allow a send; the state check
             # is a safety net, so that a send it would refuse is still refused.
             if not self._fast_send or self._connection.state is not ConnectionState.OPEN:
-                self._outgoing.append(self._connection.send(TextMessage(data=text)))
+                data = text if isinstance(text, str) else text.decode("utf-8")
+                self._outgoing.append(self._connection.send(TextMessage(data=data)))
                 return
-            payload = text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # a lone surrogate has no UTF-8 form
+            payload = text if isinstance(text, bytes) else text.encode("utf-8")
+        except UnicodeError as exc:  # a lone surrogate, or bytes that are not UTF-8
             raise LocalProtocolError(f"text is not encodable as UTF-8: {exc}") from exc
         # The fast path: the same bytes wsproto writes for a whole text message (RFC
         # 6455 5.2: FIN, minimal length; a client masks with a fresh key), which

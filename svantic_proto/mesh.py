@@ -14,6 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from msgspec.structs import replace
+
+from .auth import AsymmetricDispatchAuthMinter, DispatchAuthMinter
 from .backoff import RetryDecision
 from .codec import FrameFactory
 from .config import Config
@@ -94,20 +97,9 @@ MintDispatchAuth = Callable[[DispatchRoute], DispatchAuth]
 """Mints the envelope for one dispatch; raising fails the dispatch AGENT_UNHEALTHY (spec 7)."""
 
 
-class _TokenMinter(Protocol):
-    def mint_token(
-        self,
-        *,
-        instance_id: str,
-        agent_type: str,
-        tenant_id: str,
-        dispatch_id: str,
-        capability: str,
-        now: float,
-    ) -> str: ...
-
-
-def jwt_dispatch_auth(minter: _TokenMinter) -> MintDispatchAuth:
+def jwt_dispatch_auth(
+    minter: DispatchAuthMinter | AsymmetricDispatchAuthMinter,
+) -> MintDispatchAuth:
     """`svantic_jwt` envelopes from an `auth.DispatchAuthMinter` (HS256) or the asymmetric one."""
 
     def mint(route: DispatchRoute) -> DispatchAuth:
@@ -361,19 +353,8 @@ class MeshConnection(_Connection):
         self._timers["app_ping"] = now + self.config.app_ping_offset
         for held in replay:
             previous = held.payload
-            self._dispatch(
-                DispatchPayload(
-                    dispatch_id=previous.dispatch_id,
-                    capability=previous.capability,
-                    deadline_ms=previous.deadline_ms,
-                    arguments=previous.arguments,
-                    task_id=previous.task_id,
-                    attempt=previous.attempt + 1,
-                    session_context=previous.session_context,
-                ),
-                held.deadline_at,
-                now,
-            )
+            again = replace(previous, attempt=previous.attempt + 1)
+            self._dispatch(again, held.deadline_at, now)
 
     def _identity(self) -> tuple[str, str]:
         if self.instance_id is None or self.tenant_id is None:
@@ -572,7 +553,7 @@ class MeshConnection(_Connection):
                 return
         if ts is None:
             _, ts = self.frames.ids.stamp()
-        sent = payload if auth is None else _with_auth(payload, auth)
+        sent = payload if auth is None else replace(payload, dispatch_auth=auth)
         self._send(Dispatch(v=1, id=payload.dispatch_id, ts=ts, payload=sent))
         self.in_flight[payload.dispatch_id] = _Outbound(payload, deadline_at)
         heapq.heappush(self._deadlines, (deadline_at, payload.dispatch_id))
@@ -680,19 +661,6 @@ class MeshConnection(_Connection):
         else:
             failed = held
         self._events.extend(held_failures(failed))
-
-
-def _with_auth(payload: DispatchPayload, auth: DispatchAuth) -> DispatchPayload:
-    return DispatchPayload(
-        dispatch_id=payload.dispatch_id,
-        capability=payload.capability,
-        deadline_ms=payload.deadline_ms,
-        arguments=payload.arguments,
-        task_id=payload.task_id,
-        attempt=payload.attempt,
-        session_context=payload.session_context,
-        dispatch_auth=auth,
-    )
 
 
 _HANDLERS: dict[type, Callable[[MeshConnection, Any, float], None]] = {
