@@ -40,8 +40,9 @@ _decode = msgspec.json.Decoder(Frame).decode
 _encode = msgspec.json.Encoder().encode
 _any_decoder = msgspec.json.Decoder()
 
-# One compiled regex over the concatenated envelope strings: a single `re` call per frame is
-# the cheapest strict check Python offers (see frames.py for why msgspec patterns are not used).
+# The fallback when `_speedups` is not built: one compiled regex over the concatenated envelope
+# strings, the cheapest strict check in pure Python (see frames.py for why msgspec patterns
+# are not used). The regexes are also the reference the C checks are tested against.
 def _bare(pattern: str) -> str:
     return pattern.removeprefix("^").removesuffix("\\Z")
 
@@ -90,20 +91,29 @@ def decode_frame(data: bytes | str) -> Frame:
         raise _explain(data, exc) from None
     except TypeError as exc:
         raise FrameError(f"a frame is text or bytes, not {type(data).__name__}") from exc
+    if not _frame_ok(frame):
+        raise _explain(data, None)
+    return frame
+
+
+def _frame_ok_re(frame: Frame) -> bool:
+    """Spec section 2 formats of the envelope strings (one regex over their concatenation),
+    then the payload rules the types cannot express."""
     reply_to: str | None = frame.in_reply_to  # type: ignore[union-attr]  # None where unused
     if frame.trace_id is not None or frame.parent_span_id is not None:
+        if "" in (frame.trace_id, frame.parent_span_id, reply_to):
+            return False  # the regex takes an empty part as an absent one
         trace, span = frame.trace_id or "", frame.parent_span_id or ""
-        valid = _valid_envelope(f"{frame.id}{frame.ts}{reply_to or ''}/{trace}/{span}")
+        text = f"{frame.id}{frame.ts}{reply_to or ''}/{trace}/{span}"
+        valid = _valid_envelope(text)
     elif reply_to is None:
         valid = _valid_id_ts(frame.id + frame.ts)
     else:
         valid = _valid_id_ts_reply(frame.id + frame.ts + reply_to)
     if valid is None:
-        raise _explain(data, None)
+        return False
     payload_check = _PAYLOAD_CHECKS.get(type(frame))
-    if payload_check is not None and not payload_check(frame):
-        raise _explain(data, None)
-    return frame
+    return payload_check is None or payload_check(frame)
 
 
 _valid_uuid = re.compile(_U, re.ASCII).fullmatch
@@ -114,6 +124,15 @@ _PAYLOAD_CHECKS: dict[type, Callable[[Any], bool]] = {
     Cancel: lambda f: _valid_uuid(f.payload.dispatch_id) is not None,
     Welcome: lambda f: all(_valid_uuid(i) is not None for i in f.payload.replayed_dispatches),
 }
+
+_frame_ok: Callable[[Frame], bool]
+try:  # the same checks in C, several times faster; built when a compiler is there
+    from . import _speedups
+except ImportError:  # pragma: no cover - tests/core/test_speedups.py runs both
+    _frame_ok = _frame_ok_re
+else:
+    _speedups.configure(Dispatch, Cancel, Welcome)
+    _frame_ok = _speedups.frame_ok
 
 
 def encode_frame(frame: Frame) -> bytes:

@@ -78,8 +78,9 @@ SPAN_ID_PATTERN = r"^[0-9a-f]{16}\Z"
 
 # Regex checks inside msgspec cost ~0.3 µs each, more than a whole small frame's parse, so
 # the envelope's own strings (id, ts, in_reply_to, trace ids) carry only length bounds here
-# and are checked together by one compiled regex in `codec.decode_frame`. Payload UUIDs keep the
-# pattern (they are rarer), except `dispatch_id`, which must equal the checked `id`.
+# and are checked together after the parse by `codec.decode_frame` (in C when the optional
+# `_speedups` module is built, else by one compiled regex). Payload UUIDs keep the pattern
+# (they are rarer), except `dispatch_id`, which must equal the checked `id`.
 Uuid = Annotated[str, Meta(pattern=UUID_PATTERN, description="canonical lowercase UUID")]
 EnvelopeUuid = Annotated[str, Meta(min_length=36, max_length=36)]
 Timestamp = Annotated[str, Meta(min_length=20, max_length=64)]

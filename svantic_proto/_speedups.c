@@ -1,0 +1,350 @@
+/* Strict checks of the envelope strings svantic.v1 fixes the format of (spec section 2).
+ *
+ * Why C: msgspec parses a small frame in about 0.5 us, and Python's `re` needs
+ * about 1 us to check the id, ts, in_reply_to and trace ids of that frame. These
+ * checks are the same rules as the regular expressions in frames.py, character
+ * by character; codec.py falls back to those expressions when this module is not
+ * built, and tests/core/test_speedups.py holds the two to the same answers.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+
+
+#define IS_DIGIT(c) ((c) >= '0' && (c) <= '9')
+#define IS_LOWER_HEX(c) (IS_DIGIT(c) || ((c) >= 'a' && (c) <= 'f'))
+
+/* The ASCII bytes of a str, or NULL (and *len untouched) for anything else. */
+static const unsigned char *
+ascii_data(PyObject *value, Py_ssize_t *len)
+{
+    if (!PyUnicode_Check(value) || !PyUnicode_IS_ASCII(value)) {
+        return NULL;
+    }
+    *len = PyUnicode_GET_LENGTH(value);
+    return PyUnicode_1BYTE_DATA(value);
+}
+
+/* ^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z */
+static int
+is_uuid(PyObject *value)
+{
+    Py_ssize_t n;
+    const unsigned char *s = ascii_data(value, &n);
+    if (s == NULL || n != 36) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < 36; i++) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i] != '-') {
+                return 0;
+            }
+        }
+        else if (!IS_LOWER_HEX(s[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* ^[0-9a-f]{n}\Z */
+static int
+is_lower_hex(PyObject *value, Py_ssize_t want)
+{
+    Py_ssize_t n;
+    const unsigned char *s = ascii_data(value, &n);
+    if (s == NULL || n != want) {
+        return 0;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!IS_LOWER_HEX(s[i])) {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* Two digits at s, as a number; -1 if either is not [0-9]. */
+static int
+two_digits(const unsigned char *s)
+{
+    if (!IS_DIGIT(s[0]) || !IS_DIGIT(s[1])) {
+        return -1;
+    }
+    return (s[0] - '0') * 10 + (s[1] - '0');
+}
+
+/* RFC 3339 date-time with a `T` and an offset: frames.TIMESTAMP_PATTERN. */
+static int
+is_timestamp(PyObject *value)
+{
+    Py_ssize_t n;
+    const unsigned char *s = ascii_data(value, &n);
+    int month, day, hour, minute, second;
+    Py_ssize_t i;
+    if (s == NULL || n < 20) {
+        return 0;
+    }
+    if (!IS_DIGIT(s[0]) || !IS_DIGIT(s[1]) || !IS_DIGIT(s[2]) || !IS_DIGIT(s[3])
+        || s[4] != '-' || s[7] != '-' || s[10] != 'T' || s[13] != ':' || s[16] != ':') {
+        return 0;
+    }
+    month = two_digits(s + 5);
+    day = two_digits(s + 8);
+    hour = two_digits(s + 11);
+    minute = two_digits(s + 14);
+    second = two_digits(s + 17);
+    if (month < 1 || month > 12 || day < 1 || day > 31 || hour < 0 || hour > 23
+        || minute < 0 || minute > 59 || second < 0 || second > 60) {
+        return 0;
+    }
+    i = 19;
+    if (s[i] == '.') {
+        Py_ssize_t first = ++i;
+        while (i < n && IS_DIGIT(s[i])) {
+            i++;
+        }
+        if (i == first || i == n) {
+            return 0;
+        }
+    }
+    if (s[i] == 'Z') {
+        return i + 1 == n;
+    }
+    if ((s[i] == '+' || s[i] == '-') && n - i == 6 && s[i + 3] == ':') {
+        hour = two_digits(s + i + 1);
+        minute = two_digits(s + i + 4);
+        return hour >= 0 && hour <= 23 && minute >= 0 && minute <= 59;
+    }
+    return 0;
+}
+
+/* Where a frame type keeps its envelope fields.
+ *
+ * msgspec stores Struct fields in slots (member descriptors), so after a
+ * first look-up per type the fields are read at fixed offsets: five generic
+ * attribute look-ups would cost more than all the checks together.
+ */
+enum { F_ID, F_TS, F_REPLY, F_TRACE, F_SPAN, N_FIELDS };
+enum { PAYLOAD_NONE, PAYLOAD_DISPATCH, PAYLOAD_CANCEL, PAYLOAD_WELCOME };
+#define ABSENT (-1) /* not a field of this type: reads as None */
+#define MAX_TYPES 32
+
+typedef struct {
+    PyTypeObject *type; /* a strong reference */
+    Py_ssize_t offset[N_FIELDS];
+    int payload_rule;
+} Layout;
+
+static Layout layouts[MAX_TYPES];
+static int n_layouts;
+static PyObject *field_names[N_FIELDS];
+static PyObject *name_payload, *name_dispatch_id, *name_replayed;
+static PyObject *rule_types[4]; /* set by configure(): dispatch, cancel, welcome types */
+
+/* The layout of `type`, found once; NULL (no exception) when it is not a slot Struct. */
+static const Layout *
+layout_of(PyTypeObject *type)
+{
+    for (int i = 0; i < n_layouts; i++) {
+        if (layouts[i].type == type) {
+            return &layouts[i];
+        }
+    }
+    if (n_layouts == MAX_TYPES) {
+        return NULL;
+    }
+    Layout layout;
+    layout.type = type;
+    layout.payload_rule = PAYLOAD_NONE;
+    for (int rule = PAYLOAD_DISPATCH; rule <= PAYLOAD_WELCOME; rule++) {
+        if ((PyObject *)type == rule_types[rule]) {
+            layout.payload_rule = rule;
+        }
+    }
+    for (int f = 0; f < N_FIELDS; f++) {
+        PyObject *descr = PyObject_GetAttr((PyObject *)type, field_names[f]);
+        if (descr == NULL) {
+            PyErr_Clear();
+            return NULL;
+        }
+        if (Py_IS_TYPE(descr, &PyMemberDescr_Type)) {
+            PyMemberDef *member = ((PyMemberDescrObject *)descr)->d_member;
+            if (member->type != T_OBJECT_EX && member->type != T_OBJECT) {
+                Py_DECREF(descr);
+                return NULL;
+            }
+            layout.offset[f] = member->offset;
+        }
+        else if (descr == Py_None && f == F_REPLY) {
+            layout.offset[f] = ABSENT; /* frames.py sets `in_reply_to = None` on the class */
+        }
+        else {
+            Py_DECREF(descr);
+            return NULL;
+        }
+        Py_DECREF(descr);
+    }
+    Py_INCREF(type);
+    layouts[n_layouts] = layout;
+    return &layouts[n_layouts++];
+}
+
+static PyObject *
+slot(PyObject *frame, const Layout *layout, int field)
+{
+    if (layout->offset[field] == ABSENT) {
+        return Py_None;
+    }
+    return *(PyObject **)((char *)frame + layout->offset[field]); /* NULL when unset */
+}
+
+/* Payload rules checked with the envelope (see codec.py); 1, 0 or -1 on error. */
+static int
+payload_ok(PyObject *frame, PyObject *id, int rule)
+{
+    int ok = 1;
+    PyObject *payload = PyObject_GetAttr(frame, name_payload);
+    PyObject *value;
+    if (payload == NULL) {
+        return -1;
+    }
+    value = PyObject_GetAttr(payload, rule == PAYLOAD_WELCOME ? name_replayed : name_dispatch_id);
+    Py_DECREF(payload);
+    if (value == NULL) {
+        return -1;
+    }
+    if (rule == PAYLOAD_DISPATCH) {
+        ok = PyUnicode_Check(value) && PyUnicode_Compare(value, id) == 0;
+    }
+    else if (rule == PAYLOAD_CANCEL) {
+        ok = is_uuid(value);
+    }
+    else if (PyList_Check(value)) {
+        for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(value); i++) {
+            ok = is_uuid(PyList_GET_ITEM(value, i));
+        }
+    }
+    else {
+        ok = 0;
+    }
+    Py_DECREF(value);
+    return ok;
+}
+
+static PyObject *
+frame_ok(PyObject *module, PyObject *frame)
+{
+    (void)module;
+    const Layout *layout = layout_of(Py_TYPE(frame));
+    PyObject *v[N_FIELDS];
+    int ok;
+    if (layout == NULL) {
+        PyErr_Format(PyExc_TypeError, "not a svantic.v1 frame: %R", Py_TYPE(frame));
+        return NULL;
+    }
+    for (int f = 0; f < N_FIELDS; f++) {
+        v[f] = slot(frame, layout, f);
+        if (v[f] == NULL) {
+            Py_RETURN_FALSE;
+        }
+    }
+    ok = is_uuid(v[F_ID]) && is_timestamp(v[F_TS])
+         && (v[F_REPLY] == Py_None || is_uuid(v[F_REPLY]))
+         && (v[F_TRACE] == Py_None || is_lower_hex(v[F_TRACE], 32))
+         && (v[F_SPAN] == Py_None || is_lower_hex(v[F_SPAN], 16));
+    if (ok && layout->payload_rule != PAYLOAD_NONE) {
+        ok = payload_ok(frame, v[F_ID], layout->payload_rule);
+        if (ok < 0) {
+            return NULL;
+        }
+    }
+    return PyBool_FromLong(ok);
+}
+
+static PyObject *
+configure(PyObject *module, PyObject *args)
+{
+    (void)module;
+    PyObject *dispatch, *cancel, *welcome;
+    if (!PyArg_ParseTuple(args, "OOO", &dispatch, &cancel, &welcome)) {
+        return NULL;
+    }
+    Py_INCREF(dispatch);
+    Py_INCREF(cancel);
+    Py_INCREF(welcome);
+    rule_types[PAYLOAD_DISPATCH] = dispatch;
+    rule_types[PAYLOAD_CANCEL] = cancel;
+    rule_types[PAYLOAD_WELCOME] = welcome;
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+py_is_uuid(PyObject *module, PyObject *value)
+{
+    (void)module;
+    return PyBool_FromLong(is_uuid(value));
+}
+
+static PyObject *
+py_is_timestamp(PyObject *module, PyObject *value)
+{
+    (void)module;
+    return PyBool_FromLong(is_timestamp(value));
+}
+
+static PyObject *
+py_is_lower_hex(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)module;
+    Py_ssize_t want;
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "is_lower_hex(value, length)");
+        return NULL;
+    }
+    want = PyLong_AsSsize_t(args[1]);
+    if (want == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyBool_FromLong(is_lower_hex(args[0], want));
+}
+
+static PyMethodDef methods[] = {
+    {"frame_ok", frame_ok, METH_O,
+     "True when a decoded frame's id, ts, in_reply_to, trace_id and parent_span_id have the "
+     "formats spec section 2 fixes, and its payload the rules codec.py checks after the parse."},
+    {"configure", configure, METH_VARARGS,
+     "configure(dispatch, cancel, welcome): the frame types whose payload rules frame_ok checks."},
+    {"is_uuid", py_is_uuid, METH_O, "True for a canonical lowercase UUID string."},
+    {"is_timestamp", py_is_timestamp, METH_O,
+     "True for an RFC 3339 timestamp with a `T` and an offset."},
+    {"is_lower_hex", (PyCFunction)(void (*)(void))py_is_lower_hex, METH_FASTCALL,
+     "True for a string of exactly `length` lowercase hex digits."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_speedups",
+    "C versions of the codec's strict string checks (optional; codec.py has a fallback).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    static const char *names[N_FIELDS] = {"id", "ts", "in_reply_to", "trace_id",
+                                          "parent_span_id"};
+    for (int f = 0; f < N_FIELDS; f++) {
+        field_names[f] = PyUnicode_InternFromString(names[f]);
+        if (field_names[f] == NULL) {
+            return NULL;
+        }
+    }
+    name_payload = PyUnicode_InternFromString("payload");
+    name_dispatch_id = PyUnicode_InternFromString("dispatch_id");
+    name_replayed = PyUnicode_InternFromString("replayed_dispatches");
+    if (!name_payload || !name_dispatch_id || !name_replayed) {
+        return NULL;
+    }
+    return PyModule_Create(&module_def);
+}
