@@ -100,11 +100,11 @@ class IdFactory:
     when it runs out, or when the wall clock steps back, the time part keeps
     going from the last millisecond used instead of going back. `rand_b` (62
     bits) comes from `random_bytes` (default `os.urandom`), drawn in batches and
-    hex-encoded in C, and the id prefix and `ts` are cached per millisecond: that
+    hex-encoded in C and cut per id, and the id prefix and `ts` are cached per millisecond: that
     keeps a stamp well under a microsecond.
     """
 
-    __slots__ = ("_clock", "_counter", "_ms", "_prefix", "_random_bytes", "_tails", "_ts")
+    __slots__ = ("_clock", "_counter", "_hex", "_ms", "_pos", "_prefix", "_random_bytes", "_ts")
 
     def __init__(
         self,
@@ -113,22 +113,22 @@ class IdFactory:
     ) -> None:
         self._clock = wall_clock
         self._random_bytes = random_bytes
-        self._tails: list[str] = []  # empty pool: the first stamp fills it
+        self._hex = ""  # the pool of random records as hex; used from the end
+        self._pos = 0  # records left in the pool, times 16 hex digits: 0 = refill first
         self._ms = -1
         self._counter = 0
         self._prefix = ""
         self._ts = ""
 
-    def _refill(self) -> list[str]:
+    def _refill(self) -> None:
         raw = self._random_bytes(_POOL_BYTES)
         if len(raw) != _POOL_BYTES:
             raise ValueError(f"random_bytes({_POOL_BYTES}) returned {len(raw)} bytes")
-        # Force the RFC 9562 variant (0b10) into the top bits of every 8-byte record, then cut
-        # the hex into ready-made `-vxxx-xxxxxxxxxxxx` tails, one per id.
+        # Force the RFC 9562 variant (0b10) into the top bits of every 8-byte record; each
+        # record's 16 hex digits become one id's `-vxxx-xxxxxxxxxxxx` tail, cut when used.
         value = int.from_bytes(raw, "big") & _VARIANT_CLEAR | _VARIANT_SET
-        h = value.to_bytes(_POOL_BYTES, "big").hex()
-        self._tails = [f"-{h[i : i + 4]}-{h[i + 4 : i + 16]}" for i in range(0, len(h), 16)]
-        return self._tails
+        self._hex = value.to_bytes(_POOL_BYTES, "big").hex()
+        self._pos = len(self._hex)
 
     def _enter_millisecond(self, ms: int) -> None:
         """Start a new millisecond: reseed the counter, rebuild the cached prefix and ts."""
@@ -152,8 +152,12 @@ class IdFactory:
                 self._enter_millisecond(self._ms + 1)
             else:
                 self._counter = counter
-        tails = self._tails or self._refill()
-        return self._prefix + _HEX3[self._counter] + tails.pop(), self._ts
+        if not self._pos:
+            self._refill()
+        pos = self._pos = self._pos - 16
+        h = self._hex
+        uid = f"{self._prefix}{_HEX3[self._counter]}-{h[pos : pos + 4]}-{h[pos + 4 : pos + 16]}"
+        return uid, self._ts
 
     def new_id(self) -> str:
         """A fresh UUID v7 for an envelope `id`."""
