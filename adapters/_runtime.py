@@ -50,7 +50,7 @@ from svantic_proto.events import (
     UpgradeRequest,
 )
 from svantic_proto.frames import SessionContext
-from svantic_proto.handshake import Reject
+from svantic_proto.handshake import Reject, build_upgrade_request
 from svantic_proto.mesh import MintDispatchAuth
 from svantic_proto.trace import SessionTraceContext, trace_context_from_headers
 
@@ -329,6 +329,9 @@ class AgentBase(CapabilityRegistry, Generic[LinkT, TokenT]):
                  token_provider: Callable[[], TokenT] | None = None,
                  allow_insecure_loopback: bool = False) -> None:
         super().__init__()
+        # Refuse a bad URL, token or instance id here, at once, not in the first connect attempt.
+        build_upgrade_request(url, token=token, instance_id=instance_id,
+                              allow_insecure_loopback=allow_insecure_loopback)
         self.url, self.token, self.instance_id = url, token, instance_id
         self.agent_type = agent_type
         self.config = config or Config()

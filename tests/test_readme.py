@@ -13,10 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trustme
-from svantic_adapters.asyncio import MeshServer
+from svantic_adapters.asyncio import MeshServer, connect
 
-from svantic_proto import DispatchAuthMinter, InstanceRecord, jwt_dispatch_auth
+from svantic_proto import (
+    DispatchAuthMinter,
+    DispatchAuthVerifier,
+    InstanceRecord,
+    LocalProtocolError,
+    jwt_dispatch_auth,
+)
 
 README = (Path(__file__).parents[1] / "README.md").read_text()
 BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
@@ -79,7 +86,7 @@ def test_readme_agent_example_serves_a_dispatch(tmp_path: Path) -> None:
 
 
 def test_readme_sans_io_example_starts_a_handshake() -> None:
-    from svantic_proto import AgentConnection, DispatchAuthVerifier
+    from svantic_proto import AgentConnection
 
     source = next(block for block in BLOCKS if "AgentConnection(" in block)
     namespace: dict[str, Any] = {
@@ -94,3 +101,11 @@ def test_readme_sans_io_example_starts_a_handshake() -> None:
     assert isinstance(conn, AgentConnection)
     request = conn.data_to_send()[0]
     assert request.startswith(b"GET /agents/connect?instance_id=a-1 HTTP/1.1\r\n")
+
+
+def test_a_bad_token_is_refused_when_the_agent_is_made() -> None:
+    """Not later, inside a connect attempt, where it could only be logged."""
+    verifier = DispatchAuthVerifier(INSTANCE, hs256_keys=[SECRET])
+    with pytest.raises(LocalProtocolError, match="token"):
+        connect("wss://127.0.0.1:1/agents/connect", token="has spaces", instance_id=INSTANCE,
+                dispatch_auth=verifier)
