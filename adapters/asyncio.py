@@ -9,11 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import ssl
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar, cast
 
-from svantic_proto import AgentConnection, RetryDecision
+from svantic_proto import AgentConnection, Config, RetryDecision
 from svantic_proto.events import DispatchReceived, Event, SessionStarted
 
 from ._pump import Pump
@@ -26,6 +26,7 @@ from ._runtime import (
     MeshBase,
     handler_outcome,
 )
+from ._tls import TlsError, TlsSession
 
 __all__ = [
     "Agent",
@@ -37,38 +38,200 @@ __all__ = [
     "connect",
 ]
 
-READ_SIZE = 65536
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+OpenCallback = Callable[["_Link", BaseException | None], None]
+"""Told once the transport is ready (TLS handshake done), or why it never will be."""
 
-class _Link:
-    """One transport and one core connection, driven by a `Pump`."""
 
-    def __init__(self, conn: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 on_event: Callable[[Event], None]) -> None:
+def _ignore(*_: object) -> None:
+    pass
+
+
+_UNATTACHED = Pump(None, on_event=_ignore, write=_ignore, close=_ignore, arm_timer=_ignore)
+_UNATTACHED.closed = True  # the pump of a link with no core connection (yet): takes nothing
+
+
+class _Link(asyncio.Protocol):
+    """One TCP transport, TLS over it when configured, and one core connection.
+
+    A protocol, not streams and a reader task: bytes go from `data_received` straight into
+    the core's pump, and each pump pass is one `transport.write`. TLS is `_tls.TlsSession`
+    over the plain transport (asyncio's TLS transport keeps 256 KiB per connection). The
+    core connection is attached once the transport is ready: `on_open` does it, as the
+    streams' callbacks did after the TLS handshake. `done` is set when the link ended:
+    the core closed it or the transport was lost.
+    """
+
+    __slots__ = ("_config", "_done", "_ended", "_on_done", "_on_open", "_timer", "_tls",
+                 "_writable", "loop", "pump", "transport")
+
+    def __init__(self, tls: TlsSession | None, config: Config, on_open: OpenCallback,
+                 on_done: Callable[[_Link], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
-        self.reader, self.writer = reader, writer
+        self.pump = _UNATTACHED
+        self.transport: asyncio.Transport | None = None
+        self._tls, self._config, self._on_done = tls, config, on_done
+        self._on_open: OpenCallback | None = on_open  # dropped once open
         self._timer: asyncio.TimerHandle | None = None
+        self._done: asyncio.Event | None = None  # made when first awaited: idle links need none
+        self._writable: asyncio.Future[None] | None = None  # while the transport is paused
+        self._ended = False
+
+    # -- the link's own API --------------------------------------------------------------
+
+    @property
+    def done(self) -> asyncio.Event:
+        """Set once the link has ended."""
+        if self._done is None:
+            self._done = asyncio.Event()
+            if self._ended:
+                self._done.set()
+        return self._done
+
+    def attach(self, conn: Any, on_event: Callable[[Event], None]) -> _Link:
+        """Drive `conn` from this transport (call `service()` next)."""
         self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
                          arm_timer=self._arm)
-        self.done = asyncio.Event()
+        return self
+
+    def service(self) -> None:
+        self.pump.service()
+
+    def abort(self) -> None:
+        """Drop TCP at once, without a close frame, as a network fault would."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def drain(self, limit: int) -> None:
+        """Over `limit` bytes queued, wait until the transport is below its low-water mark."""
+        transport, writable = self.transport, self._writable
+        if (writable is not None and transport is not None
+                and transport.get_write_buffer_size() > limit):
+            await asyncio.shield(writable)  # shared by every caller: not cancelled by one
+
+    # -- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if self._tls is None:
+            self._opened()
+        else:  # spec 4: a peer that never finishes the TLS handshake is dropped
+            self._timer = self.loop.call_later(self._config.hello_timeout, self._fail,
+                                               TimeoutError("TLS handshake timed out"))
+            self._tls_step(self._tls.start)
+
+    def data_received(self, data: bytes) -> None:
+        tls = self._tls
+        if tls is not None:
+            plaintext = None if tls.closed else self._tls_step(tls.receive_data, data)
+            if plaintext is None:
+                return
+            data = plaintext
+            if self._on_open is not None:
+                if not tls.handshake_complete:
+                    return
+                self._opened()
+        if data and not self.pump.closed:
+            self.pump.feed(data, self.loop.time())
+        if tls is not None and tls.peer_closed:  # close_notify: EOF, then ours back
+            self.eof_received()
+            self._close()
+
+    def eof_received(self) -> bool:
+        tls = self._tls
+        if tls is not None and not (tls.peer_closed or tls.failed):
+            self._tls_step(tls.receive_eof)  # a TlsError during the handshake
+        if not self.pump.closed:
+            self.pump.eof(self.loop.time())
+        return False  # close our side too (after what is queued), as the streams did
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self._tls = None  # OpenSSL's state goes now, not when the last reference does
+        if self._on_open is not None:
+            self._fail(exc or ConnectionResetError("connection closed before it was ready"))
+        if not self.pump.closed:
+            self.pump.eof(self.loop.time())
+        self._end()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    # -- inside --------------------------------------------------------------------------
+
+    def _opened(self) -> None:
+        self._cancel_timer()
+        on_open, self._on_open = self._on_open, None
+        if on_open is not None:
+            on_open(self, None)
+
+    def _fail(self, error: BaseException) -> None:
+        """The transport never became ready (TLS refused, handshake timeout), or TLS broke:
+        after a `TlsError` close once OpenSSL's alert is out, else drop at once."""
+        log.debug("dropping the connection: %s", error)
+        on_open, self._on_open = self._on_open, None
+        if on_open is not None:
+            on_open(self, error)
+        if isinstance(error, TlsError) and self.transport is not None:
+            self.transport.close()
+        else:
+            self.abort()
+
+    def _tls_step(self, step: Callable[..., T], *args: Any) -> T | None:
+        """One TLS call, then write the ciphertext it produced; None after a `TlsError`."""
+        tls = cast(TlsSession, self._tls)
+        result: T | None = None
+        failure = None
+        try:
+            result = step(*args)
+        except TlsError as exc:
+            failure = exc
+        ciphertext = tls.data_to_send()  # after a failure: the alert that says why
+        if ciphertext:
+            cast(asyncio.Transport, self.transport).write(ciphertext)
+        if failure is not None:
+            self._fail(failure)
+        return result
 
     def _write(self, chunks: list[bytes]) -> None:
-        self.writer.writelines(chunks)  # one batched write per pump pass
-        if self.writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+        transport = cast(asyncio.Transport, self.transport)
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        tls = self._tls
+        if tls is None:
+            transport.write(data)  # one write per pump pass
+        elif not tls.close_sent:
+            tls.send(data)
+            transport.write(tls.data_to_send())
+        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
             self.abort()  # the peer stopped reading: do not grow memory without limit
 
     def _close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        with contextlib.suppress(Exception):
-            self.writer.close()
+        """The core closed: TLS close_notify, then close TCP once the peer's came or after
+        `close_timeout` (spec 4: a dead peer is dropped, not awaited)."""
+        self._cancel_timer()
+        transport, tls = cast(asyncio.Transport, self.transport), self._tls
+        if tls is not None and not transport.is_closing():
+            self._tls_step(tls.close)
+        if tls is None or tls.closed:
+            transport.close()
+        elif not transport.is_closing():
+            self._timer = self.loop.call_later(self._config.close_timeout, self.abort)
+        self._end()
 
     def _arm(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self.pump.closed:
+            return  # the core is done; the timer now serves the TLS shutdown
+        self._cancel_timer()
         if deadline is not None:
             self._timer = self.loop.call_at(deadline, self._fire)
 
@@ -76,29 +239,18 @@ class _Link:
         self._timer = None
         self.pump.timer(self.loop.time())
 
-    def abort(self) -> None:
-        """Drop TCP at once, without a close frame, as a network fault would."""
-        self.writer.transport.abort()
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
-    def service(self) -> None:
-        self.pump.service()
-
-    async def run(self) -> None:
-        try:
-            while not self.pump.closed:
-                try:
-                    data = await self.reader.read(READ_SIZE)
-                except (ConnectionError, OSError, ssl.SSLError):
-                    data = b""
-                if not data:
-                    self.pump.eof(self.loop.time())
-                    break
-                self.pump.feed(data, self.loop.time())
-        finally:
-            if not self.pump.closed:
-                self.pump.eof(self.loop.time())
-            self._close()
-            self.done.set()
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            if self._done is not None:
+                self._done.set()
+            if self._on_done is not None:
+                self._on_done(self)
 
 
 def _sync_or_async(result: Any) -> Awaitable[Any]:
@@ -124,21 +276,39 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
         return asyncio.get_running_loop().time()
 
     async def _connect_once(self) -> _Link:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(self._host, self._port, ssl=self._ssl,
-                                    server_hostname=self._host if self._ssl else None,
-                                    limit=READ_SIZE,
-                                    # spec 4: a dead peer is dropped, not awaited for 30 s
-                                    ssl_shutdown_timeout=(self.config.close_timeout
-                                                          if self._ssl else None)),
-            timeout=self.config.hello_timeout,
-        )
-        conn = self._new_connection()
-        self.ready.clear()
-        link = _Link(conn, reader, writer, self._on_event)
-        self.link = link
-        link.service()
-        return link
+        """Dial, TLS handshake (`wss://`, spec 1), then a fresh core connection: within
+        `hello_timeout`. Raises TimeoutError or OSError (`TlsError` is one)."""
+        loop = asyncio.get_running_loop()
+        opened: asyncio.Future[_Link] = loop.create_future()
+
+        def on_open(link: _Link, error: BaseException | None) -> None:
+            if opened.done():  # the dial timed out meanwhile: it drops the transport
+                return
+            if error is None:
+                try:
+                    conn = self._new_connection()
+                except Exception as exc:  # raised to the caller, as before
+                    error = exc
+            if error is not None:
+                opened.set_exception(error)
+                return
+            self.ready.clear()
+            self.link = link.attach(conn, self._on_event)
+            opened.set_result(link)
+            link.service()
+
+        tls = (TlsSession(self._ssl, server_side=False, server_hostname=self._host)
+               if self._ssl is not None else None)
+        transport: asyncio.BaseTransport | None = None
+        try:
+            async with asyncio.timeout(self.config.hello_timeout):
+                transport, _ = await loop.create_connection(
+                    lambda: _Link(tls, self.config, on_open), self._host, self._port)
+                return await opened
+        except BaseException:
+            if transport is not None:
+                cast(asyncio.Transport, transport).abort()
+            raise
 
     def _session_started(self, event: SessionStarted) -> None:
         self.ready.set()
@@ -169,15 +339,15 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
             retry: RetryDecision
             try:
                 link = await self._connect_once()
-                runner = asyncio.create_task(link.run())
-                ready = asyncio.create_task(self.ready.wait())
-                await asyncio.wait({runner, ready}, return_when=asyncio.FIRST_COMPLETED)
+                ended = asyncio.ensure_future(link.done.wait())
+                ready = asyncio.ensure_future(self.ready.wait())
+                await asyncio.wait({ended, ready}, return_when=asyncio.FIRST_COMPLETED)
                 ready.cancel()
                 if self.ready.is_set():
                     yield link.pump.conn
-                await runner
+                await ended
                 retry = self._retry_decision()
-            except (TimeoutError, OSError, ssl.SSLError):
+            except (TimeoutError, OSError):  # a TLS failure is a `TlsError`, an OSError
                 retry = RetryDecision.RETRY
             if self._stopping:
                 return
@@ -233,8 +403,7 @@ class AgentLink(AgentLinkBase["MeshServer", _Link]):
         dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
                                           waiter=future, on_chunk=on_chunk,
                                           now=self.link.loop.time())
-        if self.link.writer.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT // 4:
-            await self.link.writer.drain()  # backpressure for callers, not memory growth
+        await self.link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure, not memory growth
         try:
             return await future
         finally:
@@ -253,18 +422,15 @@ class MeshServer(MeshBase[AgentLink, _Link]):
         self._server: asyncio.Server | None = None
         self._store_timer: asyncio.TimerHandle | None = None
         self._notify_task: asyncio.Future[None] | None = None
+        self._link_callbacks = (self._accepted, self.links.discard)  # bound once, shared
 
     def _clock(self) -> float:
         return asyncio.get_running_loop().time()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        # asyncio refuses a handshake timeout without TLS (plain ws:// on loopback).
-        tls_options = {"ssl_handshake_timeout": self.config.hello_timeout,
-                       # spec 4: drop a silent peer, do not await its close_notify for 30 s
-                       "ssl_shutdown_timeout": self.config.close_timeout} if self._ssl else {}
-        self._server = await asyncio.start_server(
-            self._serve, host, port, ssl=self._ssl, backlog=self.backlog, limit=READ_SIZE,
-            **tls_options)
+        """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
+        self._server = await asyncio.get_running_loop().create_server(
+            self._new_link, host, port, backlog=self.backlog)
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]
 
@@ -279,16 +445,20 @@ class MeshServer(MeshBase[AgentLink, _Link]):
                        arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
         return await self._available_agent(instance_id).dispatch(capability, arguments, **options)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if len(self.links) >= self.max_connections:
-            writer.transport.abort()
+    def _new_link(self) -> _Link:
+        tls = TlsSession(self._ssl, server_side=True) if self._ssl is not None else None
+        return _Link(tls, self.config, *self._link_callbacks)
+
+    def _accepted(self, link: _Link, error: BaseException | None) -> None:
+        """A transport is ready (TLS done): give it a core connection, unless over the cap.
+        A failed TLS handshake never reaches the core."""
+        if error is not None:
             return
-        link = self._open_link(lambda conn, on_event: _Link(conn, reader, writer, on_event))
-        try:
-            link.service()
-            await link.run()
-        finally:
-            self.links.discard(link)
+        if len(self.links) >= self.max_connections:
+            link.abort()
+            return
+        self._open_link(link.attach)
+        link.service()
 
     def _new_agent_link(self, link: _Link) -> AgentLink:
         return AgentLink(self, link)

@@ -20,8 +20,10 @@ import svantic_proto
 import svantic_proto.testing
 
 SUBMODULES = [
-    importlib.import_module(info.name)
+    module
     for info in pkgutil.walk_packages(svantic_proto.__path__, "svantic_proto.")
+    # Python source only: the optional C extension has no source to read here.
+    if (module := importlib.import_module(info.name)).__file__.endswith(".py")  # type: ignore[union-attr]
 ]
 EXPORTERS = [svantic_proto, svantic_proto.testing]
 
