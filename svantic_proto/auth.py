@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hmac
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, NoReturn
@@ -41,8 +41,9 @@ from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple, NoReturn
 import msgspec
 from msgspec import UNSET, UnsetType
 
-from ._jws import HS256Signer, b64url_decode, b64url_encode, has_duplicate_keys
+from ._jws import HS256Signer, b64url_decode, b64url_encode, has_duplicate_keys, hs256_payload
 from .errors import LocalProtocolError, SvanticError
+from .frames import SvanticJwtAuth
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
@@ -210,19 +211,6 @@ def _decode_json_object(raw: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def _check_claims_json(raw: bytes, claims: DispatchClaims) -> None:
-    """Hold the whole claims object to the header's standard, cheaply when we can.
-
-    Fast path: claims that re-encode to the very bytes they came from hold only the
-    Struct's fields, each once and each fully type-checked. Otherwise (another encoder's
-    spacing or escapes, or extra claims, which msgspec skips without checking their
-    UTF-8) decode the whole object untyped and look for repeated names. This runs only
-    after the signature verified, so only a key holder can make us take it.
-    """
-    if _JSON_ENCODER.encode(claims) != raw:
-        _decode_json_object(raw, "claims")
-
-
 def _parse_header(segment: bytes) -> _Header:
     """RFC 7515 section 4.1, with the strictness listed in the module docstring."""
     try:
@@ -249,23 +237,39 @@ def _parse_header(segment: bytes) -> _Header:
 
 
 def _decode_claims(segment: bytes) -> DispatchClaims:
+    """Claims as typed values: one strict base64url decode and one msgspec Struct decode."""
     try:
         raw = b64url_decode(segment)
     except ValueError as exc:
         raise _fail(DispatchAuthFailure.MALFORMED, f"token claims: {exc}") from None
-    if raw.lstrip(b" \t\r\n")[:1] != b"{":
-        raise _fail(DispatchAuthFailure.MALFORMED, "token claims are not a JSON object")
+    claims = _decode_claims_json(raw)
+    if _JSON_ENCODER.encode(claims) != raw:
+        _decode_json_object(raw, "claims")
+    return claims
+
+
+def _decode_claims_json(raw: bytes) -> DispatchClaims:
+    """The claims JSON decoded into `DispatchClaims`, which is the claim type check.
+
+    The caller then holds the whole object to the header's standard, cheaply when it
+    can: claims that re-encode to the very bytes they came from hold only the Struct's
+    fields, each once and each type-checked. Otherwise (another encoder's spacing or
+    escapes, or extra claims, which msgspec skips without checking their UTF-8) it
+    decodes the whole object untyped and looks for repeated names. The signature was
+    checked first, so only a key holder can make a verifier take that slower way.
+    """
     try:
-        claims = _CLAIMS_DECODER.decode(raw)
+        return _CLAIMS_DECODER.decode(raw)
     except msgspec.ValidationError as exc:
+        if raw.lstrip(b" \t\r\n")[:1] != b"{":
+            message = "token claims are not a JSON object"
+            raise _fail(DispatchAuthFailure.MALFORMED, message) from None
         detail = str(exc)
         if detail.startswith("Object missing required field"):
             raise _fail(DispatchAuthFailure.MISSING_CLAIM, f"token claims: {detail}") from None
         raise _fail(DispatchAuthFailure.BAD_CLAIM_TYPE, f"token claims: {detail}") from None
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         raise _fail(DispatchAuthFailure.MALFORMED, "token claims are not UTF-8 JSON") from None
-    _check_claims_json(raw, claims)
-    return claims
 
 
 # --------------------------------------------------------------------------- minting
@@ -296,8 +300,70 @@ def _encode_header(alg: str, kid: str | None) -> bytes:
     return b64url_encode(_JSON_ENCODER.encode(header))
 
 
+class _ClaimsHead(msgspec.Struct, gc=False):
+    """The claims fixed per (instance, agent type, tenant): the start of every token's JSON."""
+
+    iss: str
+    aud: str
+    sub: str
+    tenant_id: str
+
+
+class _ClaimsTail(msgspec.Struct, gc=False):
+    """The claims that change per dispatch, in `DispatchClaims` order after the head."""
+
+    jti: str
+    cap: str
+    iat: int
+    exp: int
+
+
+class _AgentTokens:
+    """Mints the tokens of one (instance, agent type, tenant): what `token_minter` returns.
+
+    Base64 maps 3 bytes to 4 characters, so the claims head, cut at a multiple of 3,
+    is encoded once, into the signer's prefix (after the header segment and its dot);
+    `compact(rest)` encodes the 0-2 bytes left over (`carry`) and the tail, signs, and
+    joins the token.
+    """
+
+    __slots__ = ("_carry", "_compact", "_lifetime")
+
+    def __init__(self, carry: bytes, compact: Callable[[bytes], str], lifetime: int) -> None:
+        self._carry = carry
+        self._compact = compact
+        self._lifetime = lifetime
+
+    def mint(self, dispatch_id: str, capability: str, now: float) -> str:
+        """One dispatch's token: `jti`, `cap`, `iat` = floor(now), `exp` (spec section 7)."""
+        if type(now) not in (int, float) or not math.isfinite(now):
+            _check_wall_time(now)
+        if type(dispatch_id) is not str or not dispatch_id:
+            _check_text("dispatch_id", dispatch_id)
+        if type(capability) is not str or not capability:
+            _check_text("capability", capability)
+        issued_at = math.floor(now)
+        tail = _JSON_ENCODER.encode(
+            _ClaimsTail(dispatch_id, capability, issued_at, issued_at + self._lifetime)
+        )
+        # `tail[1:]` drops the tail's own `{`: the head ends where its members begin.
+        return self._compact(self._carry + tail[1:])
+
+
+# `mint_token` keeps one `_AgentTokens` per agent it mints for, bounded so that churn
+# through many instance ids cannot grow memory; the oldest is dropped first.
+_AGENT_CACHE_LIMIT: Final = 1024
+
+
 class _ClaimsMinter:
-    """Shared claim building for both minters: the claims are the same whatever signs them."""
+    """Shared claim building for both minters: the claims are the same whatever signs them.
+
+    Per token only `jti`, `cap`, `iat` and `exp` change (spec section 7). Everything else
+    (the header segment, the head of the claims JSON and its base64, and for HS256 the
+    keyed hash state over them) is computed once per agent, so a mint encodes a
+    four-field Struct, base64-encodes about 120 bytes and hashes only those. The bytes
+    are exactly those of encoding the whole `DispatchClaims` (the spec's vector checks it).
+    """
 
     _header_prefix: bytes  # the encoded header and its dot, fixed per minter
 
@@ -306,35 +372,27 @@ class _ClaimsMinter:
         _check_text("issuer", issuer)
         self._lifetime = lifetime
         self._issuer = issuer
+        self._agents: dict[tuple[str, str, str], _AgentTokens] = {}
 
-    def _claims_segment(
-        self,
-        *,
-        instance_id: str,
-        agent_type: str,
-        tenant_id: str,
-        dispatch_id: str,
-        capability: str,
-        now: float,
-    ) -> bytes:
-        _check_wall_time(now)
+    def token_minter(
+        self, *, instance_id: str, agent_type: str, tenant_id: str
+    ) -> Callable[[str, str, float], str]:
+        """`mint(dispatch_id, capability, now) -> token` for one agent's dispatches.
+
+        The same tokens as `mint_token`, with the per-agent work done here once: a mesh
+        connection binds one when it sends its first dispatch.
+        """
+        return self._agent_tokens(instance_id, agent_type, tenant_id).mint
+
+    def _agent_tokens(self, instance_id: str, agent_type: str, tenant_id: str) -> _AgentTokens:
         _check_text("instance_id", instance_id)
         _check_text("agent_type", agent_type)
         _check_text("tenant_id", tenant_id)
-        _check_text("dispatch_id", dispatch_id)
-        _check_text("capability", capability)
-        issued_at = math.floor(now)
-        claims = DispatchClaims(
-            iss=self._issuer,
-            aud=instance_id,
-            sub=agent_type,
-            tenant_id=tenant_id,
-            jti=dispatch_id,
-            cap=capability,
-            iat=issued_at,
-            exp=issued_at + self._lifetime,
-        )
-        return b64url_encode(_JSON_ENCODER.encode(claims))
+        head = _JSON_ENCODER.encode(_ClaimsHead(self._issuer, instance_id, agent_type, tenant_id))
+        head = head[:-1] + b","  # the tail's members follow: `{"iss":...,"tenant_id":"t",`
+        cut = len(head) - len(head) % 3
+        signed_head = self._header_prefix + b64url_encode(head[:cut])
+        return _AgentTokens(head[cut:], self._compact_for(signed_head), self._lifetime)
 
     def mint_token(
         self,
@@ -347,18 +405,24 @@ class _ClaimsMinter:
         now: float,
     ) -> str:
         """The compact JWT alone; `now` is the mesh's wall time in seconds."""
-        signing_input = self._header_prefix + self._claims_segment(
-            instance_id=instance_id,
-            agent_type=agent_type,
-            tenant_id=tenant_id,
-            dispatch_id=dispatch_id,
-            capability=capability,
-            now=now,
-        )
-        return (signing_input + b"." + self._sign(signing_input)).decode("ascii")
+        _check_wall_time(now)
+        _check_text("instance_id", instance_id)
+        _check_text("agent_type", agent_type)
+        _check_text("tenant_id", tenant_id)
+        agents = self._agents
+        key = (instance_id, agent_type, tenant_id)
+        tokens = agents.get(key)
+        if tokens is None:
+            tokens = self._agent_tokens(instance_id, agent_type, tenant_id)
+            if len(agents) >= _AGENT_CACHE_LIMIT:
+                del agents[next(iter(agents))]
+            agents[key] = tokens
+        return tokens.mint(dispatch_id, capability, now)
 
-    def _sign(self, signing_input: bytes) -> bytes:
-        """The base64url signature segment; each key type signs its own way."""
+    def _compact_for(self, signed_head: bytes) -> Callable[[bytes], str]:
+        """`compact(rest)`: the token whose signing input is `signed_head` followed by
+        `b64url(rest)`. Each key type signs its own way; this is all a minter class adds.
+        """
         raise NotImplementedError
 
     def mint(
@@ -404,8 +468,9 @@ class DispatchAuthMinter(_ClaimsMinter):
         self._signer = HS256Signer(_secret_bytes(secret, "secret"))
         self._header_prefix = _encode_header("HS256", kid) + b"."
 
-    def _sign(self, signing_input: bytes) -> bytes:
-        return self._signer.sign(signing_input)
+    def _compact_for(self, signed_head: bytes) -> Callable[[bytes], str]:
+        """HMAC state with the fixed start already hashed in: per token, only the rest."""
+        return self._signer.with_prefix(signed_head).compact
 
 
 def shared_secret_envelope(secret: str) -> dict[str, str]:
@@ -490,8 +555,13 @@ class AsymmetricDispatchAuthMinter(_ClaimsMinter):
         """The JWKS document for `GET /.well-known/jwks.json` (spec section 6)."""
         return {"keys": [self.public_jwk()]}
 
-    def _sign(self, signing_input: bytes) -> bytes:
-        return b64url_encode(self._signer.sign(signing_input, self._private_key))
+    def _compact_for(self, signed_head: bytes) -> Callable[[bytes], str]:
+        def compact(rest: bytes) -> str:
+            signing_input = signed_head + b64url_encode(rest)
+            signature = b64url_encode(self._signer.sign(signing_input, self._private_key))
+            return (signing_input + b"." + signature).decode("ascii")
+
+        return compact
 
 
 # --------------------------------------------------------------------------- verifying
@@ -635,6 +705,8 @@ class DispatchAuthVerifier:
                 "dispatch auth is enabled but no hs256_keys, jwks or shared_secret is set"
             )
         self._header_cache: dict[bytes, _Header] = {}
+        # Header segment -> its HS256 candidate keys, each with `header.` hashed in already.
+        self._hs256_by_header: dict[bytes, tuple[HS256Signer, ...]] = {}
 
     def verify(
         self,
@@ -650,6 +722,13 @@ class DispatchAuthVerifier:
         absent, a dict, or any object with `type` / `token` / `secret` attributes.
         `now` is the agent's wall time (seconds since the epoch).
         """
+        if type(dispatch_auth) is SvanticJwtAuth and self.enabled and self._algorithms:
+            # What every dispatch from a JWT-minting mesh takes: the decoded frame's Struct
+            # carries a str token by construction, so only the time is left to check here.
+            if type(now) not in (int, float) or not math.isfinite(now):
+                _check_wall_time(now)
+            self._verify_token(dispatch_auth.token, dispatch_id, capability, now)
+            return
         if dispatch_auth is None or dispatch_auth is UNSET:
             if self.enabled:
                 raise _fail(
@@ -708,51 +787,118 @@ class DispatchAuthVerifier:
     def _verify_token(
         self, token: str, dispatch_id: str, capability: str, now: float
     ) -> DispatchClaims:
+        """Check a `svantic_jwt` token; `now` is known to be a finite wall time.
+
+        Fast path, for a header seen before that named HS256 keys: one HMAC of the
+        claims segment, one strict base64url decode (`hs256_payload`), one Struct decode
+        and one re-encode to prove the JSON canonical, and the claim checks at once. Any
+        miss takes `_verify_segments`, every check in order, so a refusal always carries
+        the reason the first failing check gives.
+        """
         try:
-            raw = token.encode("ascii")
+            header_segment, claims_segment, signature_segment = token.encode("ascii").split(b".")
         except (UnicodeEncodeError, AttributeError):
             raise _fail(DispatchAuthFailure.MALFORMED, "token is not an ASCII string") from None
-        segments = raw.split(b".")
-        if len(segments) != 3:
-            raise _fail(DispatchAuthFailure.MALFORMED, "token does not have three segments")
-        header_segment, claims_segment, signature_segment = segments
+        except ValueError:  # not three values to unpack
+            raise _fail(
+                DispatchAuthFailure.MALFORMED, "token does not have three segments"
+            ) from None
+        signers = self._hs256_by_header.get(header_segment)
+        raw = None
+        if signers is not None and claims_segment:
+            raw = hs256_payload(signers, claims_segment, signature_segment)
+        if raw is None:  # not a known HS256 header, or something is wrong: find out what
+            return self._verify_segments(
+                header_segment, claims_segment, signature_segment,
+                dispatch_id=dispatch_id, capability=capability, now=now,
+            )
+        try:
+            claims = _CLAIMS_DECODER.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            claims = _decode_claims_json(raw)  # raises with the precise reason
+        if _JSON_ENCODER.encode(claims) != raw:  # see `_decode_claims_json`
+            _decode_json_object(raw, "claims")
+        leeway = self._leeway
+        if (  # every check of `_check_claims` at once; it says which one failed
+            claims.jti != dispatch_id
+            or claims.cap != capability
+            or claims.aud != self.instance_id
+            or claims.iss != self._issuer
+            or claims.exp <= now - leeway
+            or claims.iat > now + leeway
+            or claims.nbf is not UNSET
+        ):
+            self._check_claims(claims, dispatch_id, capability, now)
+        return claims
+
+    def _verify_segments(
+        self,
+        header_segment: bytes,
+        claims_segment: bytes,
+        signature_segment: bytes,
+        *,
+        dispatch_id: str,
+        capability: str,
+        now: float,
+    ) -> DispatchClaims:
+        """Every check in order, each failure with its reason (spec section 7).
+
+        The path of a token whose header this verifier has not cached (its first, a
+        `kid` it names, or any other algorithm), and of one that failed the fast path.
+        """
         if not header_segment or not claims_segment:
             raise _fail(DispatchAuthFailure.MALFORMED, "token has an empty segment")
+        self._check_signature(header_segment, claims_segment, signature_segment)
+        claims = _decode_claims(claims_segment)
+        self._check_claims(claims, dispatch_id, capability, now)
+        return claims
+
+    def _check_signature(
+        self, header_segment: bytes, claims_segment: bytes, signature: bytes
+    ) -> None:
+        """Parse the header, pin the algorithm, pick the keys by `kid` and check the signature.
+
+        An HS256 header that passes is remembered with its candidate keys, each with the
+        header segment already hashed in: the next token with the same header goes straight
+        to one HMAC of its claims segment (`_verify_token`).
+        """
         header = self._header_cache.get(header_segment)
         if header is None:
             header = _parse_header(header_segment)
-            if (
+            cacheable = (
                 len(self._header_cache) < _HEADER_CACHE_LIMIT
                 and len(header_segment) <= _HEADER_CACHE_MAX_SEGMENT
-            ):
+            )
+            if cacheable:
                 self._header_cache[header_segment] = header
-        signing_input = raw[: len(raw) - len(signature_segment) - 1]
         if header.alg not in self._algorithms:
             raise _fail(
                 DispatchAuthFailure.BAD_ALGORITHM,
                 f"token alg {header.alg!r} is not accepted (accepted: "
                 f"{', '.join(sorted(self._algorithms)) or 'none'})",
             )
-        if header.alg == "HS256":
-            self._check_hs256(header.kid, signing_input, signature_segment)
-        else:
-            self._check_public_key(header, signing_input, signature_segment)
-        claims = _decode_claims(claims_segment)
-        self._check_claims(claims, dispatch_id, capability, now)
-        return claims
-
-    def _check_hs256(self, kid: str | None, signing_input: bytes, signature: bytes) -> None:
-        if kid is not None:
-            signer = self._hs256_by_kid.get(kid)
-            if signer is None:
-                self._raise_for_unmatched_kid(kid, "HS256")
-            candidates: list[HS256Signer] = [signer]
-        else:
-            candidates = self._hs256_signers
+        signed_prefix = header_segment + b"."
+        if header.alg != "HS256":
+            self._check_public_key(header, signed_prefix + claims_segment, signature)
+            return
+        candidates = self._hs256_candidates(header.kid)
+        if header_segment in self._header_cache:  # the same bound: cached once, reused
+            prefixed = tuple(signer.with_prefix(signed_prefix) for signer in candidates)
+            self._hs256_by_header[header_segment] = prefixed
+        signing_input = signed_prefix + claims_segment
         for signer in candidates:
-            if hmac.compare_digest(signer.sign(signing_input), signature):
+            if signer.matches(signing_input, signature):
                 return
         raise _fail(DispatchAuthFailure.BAD_SIGNATURE, "token signature does not verify")
+
+    def _hs256_candidates(self, kid: str | None) -> list[HS256Signer]:
+        """Spec section 7 rotation: a `kid` picks that key only; none tries each key."""
+        if kid is None:
+            return self._hs256_signers
+        signer = self._hs256_by_kid.get(kid)
+        if signer is None:
+            self._raise_for_unmatched_kid(kid, "HS256")
+        return [signer]
 
     def _check_public_key(self, header: _Header, signing_input: bytes, segment: bytes) -> None:
         if header.kid is not None:

@@ -10,6 +10,7 @@ deadline, and keeps the agent alive-checked with pings.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -97,23 +98,37 @@ MintDispatchAuth = Callable[[DispatchRoute], DispatchAuth]
 """Mints the envelope for one dispatch; raising fails the dispatch AGENT_UNHEALTHY (spec 7)."""
 
 
+class _JwtDispatchAuth:
+    """What `jwt_dispatch_auth` returns: a `MintDispatchAuth`, which the mesh also knows.
+
+    Called with a `DispatchRoute` it mints as any minter does. `MeshConnection` instead
+    asks the minter directly, without building the route object per dispatch (spec 7
+    mints once per dispatch, so this is on every round trip).
+    """
+
+    __slots__ = ("minter",)
+
+    def __init__(self, minter: DispatchAuthMinter | AsymmetricDispatchAuthMinter) -> None:
+        self.minter = minter
+
+    def __call__(self, route: DispatchRoute) -> DispatchAuth:
+        return SvanticJwtAuth(
+            token=self.minter.mint_token(
+                instance_id=route.instance_id,
+                agent_type=route.agent_type,
+                tenant_id=route.tenant_id,
+                dispatch_id=route.dispatch_id,
+                capability=route.capability,
+                now=route.now,
+            )
+        )
+
+
 def jwt_dispatch_auth(
     minter: DispatchAuthMinter | AsymmetricDispatchAuthMinter,
 ) -> MintDispatchAuth:
     """`svantic_jwt` envelopes from an `auth.DispatchAuthMinter` (HS256) or the asymmetric one."""
-
-    def mint(route: DispatchRoute) -> DispatchAuth:
-        token = minter.mint_token(
-            instance_id=route.instance_id,
-            agent_type=route.agent_type,
-            tenant_id=route.tenant_id,
-            dispatch_id=route.dispatch_id,
-            capability=route.capability,
-            now=route.now,
-        )
-        return SvanticJwtAuth(token=token)
-
-    return mint
+    return _JwtDispatchAuth(minter)
 
 
 def shared_secret_dispatch_auth(resolve: Callable[[str], str]) -> MintDispatchAuth:
@@ -131,6 +146,13 @@ class TokenVerifier(Protocol):
     def __call__(self, token: str, /) -> Any: ...
 
 
+# States tested per frame, read once: an enum member read through its class costs ~0.1 µs.
+_HANDSHAKE = MeshState.HANDSHAKE
+_UPGRADE_PENDING = MeshState.UPGRADE_PENDING
+_AWAITING_HELLO = MeshState.AWAITING_HELLO
+_READY = MeshState.READY
+_DRAINING = MeshState.DRAINING
+
 _ENDED_MEMORY = 1024
 """How many ended dispatch ids a connection remembers to recognise late `error` frames."""
 
@@ -145,7 +167,7 @@ def held_failures(held: list[HeldDispatch]) -> list[DispatchFailed]:
 
 @dataclass(slots=True)
 class _Outbound:
-    payload: DispatchPayload  # without dispatch_auth: re-minted on replay
+    payload: DispatchPayload  # as sent; held for resume without dispatch_auth
     deadline_at: float
     next_seq: int = 0
     pending: dict[int, Any] = field(default_factory=dict)
@@ -184,6 +206,10 @@ class MeshConnection(_Connection):
         self._request: UpgradeRequested | None = None
         self._pending_input = bytearray()
         self._mint = dispatch_auth
+        # `jwt_dispatch_auth`'s minter bound to this agent's claims, and the claims it was
+        # bound for (instance, agent type, tenant): spec 7 `aud`, `sub`, `tenant_id`.
+        self._agent_tokens: Callable[[str, str, float], str] | None = None
+        self._agent_tokens_for: tuple[str | None, str, str | None] = (None, "", None)
         self._store = resume_store
         self._verify_token = verify_token
         self.connection_id = connection_id or self.frames.ids.new_id()
@@ -194,14 +220,15 @@ class MeshConnection(_Connection):
         self._resume_token: str | None = None
         self.in_flight: dict[str, _Outbound] = {}
         self._tool_calls: set[str] = set()
-        self._ended: dict[str, None] = {}  # recent dispatches that ended here, oldest first
+        self._ended: OrderedDict[str, None] = OrderedDict()  # recent ended ids, oldest first
         self.peer_draining = False
         self._timers["handshake"] = now + self.config.hello_timeout
 
     # -- handshake ---------------------------------------------------------------------------------
 
     def _feed(self, data: bytes, now: float) -> None:
-        if self.state is MeshState.HANDSHAKE and self._handshake is not None:
+        state = self.state
+        if state is _HANDSHAKE and self._handshake is not None:
             result = self._handshake.receive_data(data)
             if result is None:
                 return
@@ -215,7 +242,7 @@ class MeshConnection(_Connection):
             self._move("upgrade_requested")
             self._request = result
             self._events.append(UpgradeRequest(result))
-        elif self.state is MeshState.UPGRADE_PENDING:
+        elif state is _UPGRADE_PENDING:
             self._pending_input += data  # the decision is the application's; keep the bytes
         else:
             self._feed_framing(data, now)
@@ -286,7 +313,7 @@ class MeshConnection(_Connection):
 
     def _on_frame(self, frame: Frame, now: float) -> None:
         kind = type(frame)
-        if self.state is MeshState.AWAITING_HELLO:
+        if self.state is _AWAITING_HELLO:
             if isinstance(frame, Hello):
                 self._on_hello(frame, now)
             else:
@@ -353,8 +380,13 @@ class MeshConnection(_Connection):
         self._timers["app_ping"] = now + self.config.app_ping_offset
         for held in replay:
             previous = held.payload
-            again = replace(previous, attempt=previous.attempt + 1)
-            self._dispatch(again, held.deadline_at, now)
+            auth = None
+            if self._mint is not None:  # spec 5: a replay carries a freshly minted envelope
+                auth = self._mint_auth(self._mint, previous.dispatch_id, previous.capability)
+                if auth is None:
+                    continue
+            again = replace(previous, attempt=previous.attempt + 1, dispatch_auth=auth)
+            self._dispatch(again, held.deadline_at, None)
 
     def _identity(self) -> tuple[str, str]:
         if self.instance_id is None or self.tenant_id is None:
@@ -408,9 +440,10 @@ class MeshConnection(_Connection):
 
     def _remember_ended(self, dispatch_id: str) -> None:
         """So a later `error` for it counts as a late terminal frame, not a new error (spec 3)."""
-        self._ended[dispatch_id] = None
-        if len(self._ended) > _ENDED_MEMORY:
-            del self._ended[next(iter(self._ended))]
+        ended = self._ended
+        ended[dispatch_id] = None
+        if len(ended) > _ENDED_MEMORY:
+            ended.popitem(last=False)  # O(1); a dict's first key is found by a scan
 
     def _on_result(self, frame: DispatchResult, now: float) -> None:
         if self._end(frame.in_reply_to) is not None:
@@ -492,7 +525,7 @@ class MeshConnection(_Connection):
 
     @property
     def accepting_dispatches(self) -> bool:
-        return self.state is MeshState.READY and not self.peer_draining
+        return self.state is _READY and not self.peer_draining
 
     def send_dispatch(
         self,
@@ -510,7 +543,7 @@ class MeshConnection(_Connection):
         If no dispatch-auth envelope can be minted, no frame is sent and a
         `DispatchFailed(AGENT_UNHEALTHY)` event reports it (spec 7, fail closed).
         """
-        if not self.accepting_dispatches:
+        if self.state is not _READY or self.peer_draining:  # `accepting_dispatches`, inline
             if self.peer_draining:
                 raise LocalProtocolError("the agent asked to close: route the dispatch elsewhere")
             self._require(MeshState.READY, action="send a dispatch")
@@ -521,40 +554,60 @@ class MeshConnection(_Connection):
         if dispatch_id is not None and (dispatch_id in self.in_flight):
             raise LocalProtocolError(f"dispatch {dispatch_id} is already in flight")
         new_id, ts = self.frames.ids.stamp()  # one stamp for the id and the envelope ts
+        dispatch_id = dispatch_id or new_id
+        auth = None
+        if self._mint is not None:
+            auth = self._mint_auth(self._mint, dispatch_id, capability)
+            if auth is None:
+                return dispatch_id  # failed, and reported (fail closed)
         payload = DispatchPayload(
-            dispatch_id=dispatch_id or new_id,
+            dispatch_id=dispatch_id,
             capability=capability,
             deadline_ms=deadline_ms,
             arguments=arguments if arguments is not None else {},
             task_id=task_id,
             session_context=session_context,
+            dispatch_auth=auth,
         )
-        self._dispatch(payload, now + deadline_ms / 1000, now, ts)
-        return payload.dispatch_id
+        self._dispatch(payload, now + deadline_ms / 1000, ts)
+        return dispatch_id
 
-    def _dispatch(
-        self, payload: DispatchPayload, deadline_at: float, now: float, ts: str | None = None
-    ) -> None:
-        auth: DispatchAuth | None = None
-        if self._mint is not None:
+    def _mint_auth(
+        self, mint: MintDispatchAuth, dispatch_id: str, capability: str
+    ) -> DispatchAuth | None:
+        """The dispatch's fresh envelope, or None after reporting why it has none (spec 7).
+
+        Fail closed: whatever goes wrong, the dispatch fails `AGENT_UNHEALTHY`, and the
+        caller sends no frame and tracks nothing.
+        """
+        try:
+            if type(mint) is _JwtDispatchAuth:  # our own minter: no route object per dispatch
+                tokens = self._agent_tokens
+                claimed = (self.instance_id, self.agent_type, self.tenant_id)
+                if tokens is None or claimed != self._agent_tokens_for:
+                    instance_id, tenant_id = self._identity()  # bound once, on first use
+                    tokens = self._agent_tokens = mint.minter.token_minter(
+                        instance_id=instance_id, agent_type=self.agent_type, tenant_id=tenant_id
+                    )
+                    self._agent_tokens_for = claimed
+                return SvanticJwtAuth(token=tokens(dispatch_id, capability, self._wall_clock()))
             instance_id, tenant_id = self._identity()
             route = DispatchRoute(
-                instance_id, self.agent_type, tenant_id, payload.dispatch_id,
-                payload.capability, self._wall_clock(),
+                instance_id, self.agent_type, tenant_id, dispatch_id, capability,
+                self._wall_clock(),
             )
-            try:
-                auth = self._mint(route)
-            except Exception as exc:  # fail closed, whatever went wrong
-                self._events.append(
-                    DispatchFailed(
-                        payload.dispatch_id, "AGENT_UNHEALTHY", f"cannot mint dispatch_auth: {exc}"
-                    )
-                )
-                return
+            return mint(route)
+        except Exception as exc:  # fail closed, whatever went wrong
+            self._events.append(
+                DispatchFailed(dispatch_id, "AGENT_UNHEALTHY", f"cannot mint dispatch_auth: {exc}")
+            )
+            return None
+
+    def _dispatch(self, payload: DispatchPayload, deadline_at: float, ts: str | None) -> None:
+        """Send a dispatch (its envelope included) and track it to its end or deadline."""
         if ts is None:
             _, ts = self.frames.ids.stamp()
-        sent = payload if auth is None else replace(payload, dispatch_auth=auth)
-        self._send(Dispatch(v=1, id=payload.dispatch_id, ts=ts, payload=sent))
+        self._send(Dispatch(v=1, id=payload.dispatch_id, ts=ts, payload=payload))
         self.in_flight[payload.dispatch_id] = _Outbound(payload, deadline_at)
         heapq.heappush(self._deadlines, (deadline_at, payload.dispatch_id))
 
@@ -595,7 +648,7 @@ class MeshConnection(_Connection):
         self._drained(now)
 
     def _drained(self, now: float) -> None:
-        if self.state is MeshState.DRAINING and not self.in_flight:
+        if self.state is _DRAINING and not self.in_flight:
             self.close(1000, "drained", now=now)
 
     # -- timers ------------------------------------------------------------------------------------
@@ -652,7 +705,13 @@ class MeshConnection(_Connection):
 
     def _on_closed(self, now: float) -> None:
         """Park in-flight dispatches for resume, or fail them AGENT_DISCONNECTED (spec 5)."""
-        held = [HeldDispatch(o.payload, o.deadline_at) for o in self.in_flight.values()]
+        # Held without its envelope: a replay carries a freshly minted one (spec 5).
+        held = [
+            HeldDispatch(replace(o.payload, dispatch_auth=None), o.deadline_at)
+            if o.payload.dispatch_auth is not None
+            else HeldDispatch(o.payload, o.deadline_at)
+            for o in self.in_flight.values()
+        ]
         self.in_flight.clear()
         # Even with nothing held, the token's window starts now: a matching hello within it
         # resumes (spec 5), so the agent's outbox and finished cache keep their meaning.
