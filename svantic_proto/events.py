@@ -8,8 +8,9 @@ checked, so applications never look at raw frames or envelopes.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
+
+from msgspec import Struct
 
 from .backoff import RetryDecision
 from .errors import SvanticError
@@ -39,13 +40,16 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """Base class of every event."""
+class Event(Struct, frozen=True):
+    """Base class of every event.
+
+    A frozen msgspec Struct rather than a frozen dataclass: built in C, about ten times
+    cheaper per event, and events are made on every frame's path. `msgspec.structs.fields`
+    and `msgspec.structs.replace` do what `dataclasses.fields` and `replace` would.
+    """
 
 
-@dataclass(frozen=True, slots=True)
-class UpgradeRequest(Event):
+class UpgradeRequest(Event, frozen=True):
     """Mesh: an agent asks to connect; answer with `accept(...)` or `reject(...)` (spec 1).
 
     Run `handshake.check_upgrade(event.request, ...)` to apply the spec's checks in order.
@@ -54,8 +58,7 @@ class UpgradeRequest(Event):
     request: UpgradeRequested
 
 
-@dataclass(frozen=True, slots=True)
-class SessionStarted(Event):
+class SessionStarted(Event, frozen=True):
     """Both sides: hello/welcome done, the connection is ready (spec 1, 5)."""
 
     instance_id: str
@@ -67,8 +70,7 @@ class SessionStarted(Event):
     capabilities: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchReceived(Event):
+class DispatchReceived(Event, frozen=True):
     """Agent: run this capability. Auth is already verified and re-deliveries filtered."""
 
     dispatch_id: str
@@ -92,21 +94,18 @@ class DispatchReceived(Event):
         )
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchCancelled(Event):
+class DispatchCancelled(Event, frozen=True):
     """Agent: stop the handler; the mesh gave up (cancel frame) or the deadline passed."""
 
     dispatch_id: str
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchAcked(Event):
+class DispatchAcked(Event, frozen=True):
     dispatch_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class ChunkReceived(Event):
+class ChunkReceived(Event, frozen=True):
     """Mesh: a streamed chunk, in `seq` order, duplicates already dropped (spec 3)."""
 
     dispatch_id: str
@@ -114,16 +113,14 @@ class ChunkReceived(Event):
     data: Any
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchCompleted(Event):
+class DispatchCompleted(Event, frozen=True):
     """Mesh: the first terminal frame of a dispatch was a result."""
 
     dispatch_id: str
     result: Any
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchFailed(Event):
+class DispatchFailed(Event, frozen=True):
     """Mesh: the dispatch failed: the agent's error, or the mesh's own code.
 
     Codes from the mesh itself: `AGENT_DISCONNECTED` (not resumed, spec 5) and
@@ -136,15 +133,13 @@ class DispatchFailed(Event):
     detail: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class DispatchTimedOut(Event):
+class DispatchTimedOut(Event, frozen=True):
     """Mesh: no terminal frame by the deadline; a `cancel` was sent (spec 3)."""
 
     dispatch_id: str
 
 
-@dataclass(frozen=True, slots=True)
-class ToolCallReceived(Event):
+class ToolCallReceived(Event, frozen=True):
     """Mesh: an agent calls another agent's capability; answer with `send_tool_result`."""
 
     call_id: str
@@ -156,8 +151,7 @@ class ToolCallReceived(Event):
     session_id: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class ToolResultReceived(Event):
+class ToolResultReceived(Event, frozen=True):
     """Agent: the answer to one of its tool calls: `error` is None on success."""
 
     call_id: str
@@ -165,8 +159,7 @@ class ToolResultReceived(Event):
     error: Mapping[str, str] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class HeartbeatReceived(Event):
+class HeartbeatReceived(Event, frozen=True):
     status: str | None
     active_sessions: int
     max_concurrent_sessions: int | None
@@ -175,8 +168,7 @@ class HeartbeatReceived(Event):
     health: Mapping[str, Any] | None
 
 
-@dataclass(frozen=True, slots=True)
-class ErrorReceived(Event):
+class ErrorReceived(Event, frozen=True):
     """An `error` frame that is not a dispatch's terminal failure (spec 3)."""
 
     code: str
@@ -185,30 +177,26 @@ class ErrorReceived(Event):
     in_reply_to: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class CloseRequested(Event):
+class CloseRequested(Event, frozen=True):
     """The peer asked to close: no new dispatches; it closes with 1000 when drained."""
 
     grace_seconds: int
     reason: str | None
 
 
-@dataclass(frozen=True, slots=True)
-class TokenRefreshed(Event):
+class TokenRefreshed(Event, frozen=True):
     """Mesh: a `token_refresh` verified; the transport token now expires later."""
 
     expires_at: float
 
 
-@dataclass(frozen=True, slots=True)
-class ExtensionUnsupported(Event):
+class ExtensionUnsupported(Event, frozen=True):
     """The peer answered an extension frame with BAD_FRAME; we stopped sending it (spec 3)."""
 
     frame_type: str
 
 
-@dataclass(frozen=True, slots=True)
-class ConnectionClosed(Event):
+class ConnectionClosed(Event, frozen=True):
     """The last event of a connection.
 
     `code` is the WebSocket close code (None: the transport ended without a
@@ -221,4 +209,4 @@ class ConnectionClosed(Event):
     by_peer: bool
     retry: RetryDecision
     error: SvanticError | None = None
-    in_flight: tuple[str, ...] = field(default=())
+    in_flight: tuple[str, ...] = ()

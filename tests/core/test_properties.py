@@ -15,7 +15,6 @@ peer's own close).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import random
@@ -24,6 +23,7 @@ from dataclasses import dataclass
 from operator import methodcaller
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -301,7 +301,7 @@ def comparable(events: Iterable[ev.Event]) -> list[tuple[Any, ...]]:
     out = []
     for event in events:
         values: list[Any] = [type(event).__name__]
-        for field in dataclasses.fields(event):
+        for field in msgspec.structs.fields(event):
             value = getattr(event, field.name)
             if isinstance(value, BaseException):
                 value = (type(value).__name__, str(value), getattr(value, "close_code", None))
