@@ -205,7 +205,7 @@ class FramingState(enum.Enum):
 _TRANSPORT_CLOSED = TransportClosed()
 
 
-def _xor_mask(data: bytes | bytearray, start: int, stop: int, key: bytes) -> bytes | bytearray:
+def _xor_mask_py(data: bytes | bytearray, start: int, stop: int, key: bytes) -> bytes | bytearray:
     """`data[start:stop]` XOR the repeated 4-byte `key` (RFC 6455 5.3), both ways."""
     length = stop - start
     if length <= _INT_XOR_MAX_BYTES:
@@ -221,6 +221,13 @@ def _xor_mask(data: bytes | bytearray, start: int, stop: int, key: bytes) -> byt
     out[2::4] = data[start + 2 : stop : 4].translate(tables[key[2]])
     out[3::4] = data[start + 3 : stop : 4].translate(tables[key[3]])
     return out
+
+
+_xor_mask: Callable[[bytes | bytearray, int, int, bytes], bytes | bytearray]
+try:  # the same in C (a byte loop), when the optional extension is built
+    from ._speedups import xor_mask as _xor_mask
+except ImportError:  # pragma: no cover - tests/core/test_speedups.py runs both
+    _xor_mask = _xor_mask_py
 
 
 def _wsproto_receive_state(

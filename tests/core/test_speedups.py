@@ -183,3 +183,22 @@ def test_codec_works_without_the_extension() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "1002"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=300), st.binary(min_size=4, max_size=4), st.data())
+def test_xor_mask_matches_the_fallback(data: bytes, key: bytes, draw: st.DataObject) -> None:
+    from svantic_proto import framing
+
+    start = draw.draw(st.integers(0, len(data)))
+    stop = draw.draw(st.integers(start, len(data)))
+    assert speedups.xor_mask(data, start, stop, key) == framing._xor_mask_py(data, start, stop, key)
+    assert speedups.xor_mask(bytearray(data), start, stop, key) == bytes(
+        framing._xor_mask_py(bytearray(data), start, stop, key)
+    )
+
+
+def test_xor_mask_refuses_bad_bounds() -> None:
+    for args in ((b"abc", 0, 4, b"1234"), (b"abc", 2, 1, b"1234"), (b"abc", 0, 3, b"12")):
+        with pytest.raises(ValueError):
+            speedups.xor_mask(*args)
