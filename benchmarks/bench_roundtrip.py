@@ -76,6 +76,7 @@ from svantic_proto.frames import (  # noqa: E402
     DispatchResult,
     DispatchResultPayload,
     SessionContext,
+    SvanticJwtAuth,
 )
 from svantic_proto.framing import Framing, TextReceived  # noqa: E402
 from svantic_proto.ids import IdFactory  # noqa: E402
@@ -327,11 +328,23 @@ def component_batches(recorded: Recorded) -> dict[str, Batch]:
         instance_id, tenant_id = pair.instance_id, pair.tenant_id
         agent_type = pair.agent_type
 
-        def auth_mint(n: int) -> None:
-            for _ in range(n):
-                mint(DispatchRoute(
-                    instance_id, agent_type, tenant_id, dispatch_id, CAPABILITY, clock.wall()
-                ))
+        # What `MeshConnection` runs per dispatch: the agent's bound minter (spec 7).
+        minter = getattr(mint, "minter", None)
+        if minter is not None:
+            mint_token = minter.token_minter(
+                instance_id=instance_id, agent_type=agent_type, tenant_id=tenant_id
+            )
+
+            def auth_mint(n: int) -> None:
+                for _ in range(n):
+                    SvanticJwtAuth(token=mint_token(dispatch_id, CAPABILITY, clock.wall()))
+        else:
+
+            def auth_mint(n: int) -> None:
+                for _ in range(n):
+                    mint(DispatchRoute(
+                        instance_id, agent_type, tenant_id, dispatch_id, CAPABILITY, clock.wall()
+                    ))
 
         def auth_verify(n: int) -> None:
             for _ in range(n):
