@@ -283,7 +283,7 @@ class MeshConnection(_Connection):
             self._arm_token_expiry(token_expires_at, now)
         extra = handshake.extra + bytes(self._pending_input)
         self._pending_input = bytearray()
-        self._handshake = None  # HTTP is over: keep idle connections small
+        self._handshake = self._request = None  # HTTP is over: keep idle connections small
         self._start_framing(extra, now)
 
     def reject(self, decision: Reject | None = None, *, status: int = 0, code: str = "",
@@ -293,7 +293,7 @@ class MeshConnection(_Connection):
         if decision is not None:
             status, code, message = decision.status, decision.code, decision.message
         self._out.append(self._upgrading().reject(status, code, message))
-        self._handshake = None
+        self._handshake = self._request = None
         self._move("reject")
         self._close_error = RemoteProtocolError(message, code=code)
         self._finish(None, f"rejected {status} {code}", by_peer=False, now=now)
@@ -301,7 +301,10 @@ class MeshConnection(_Connection):
 
     @property
     def request(self) -> UpgradeRequested | None:
-        """The upgrade request, once read."""
+        """The upgrade request while it awaits `accept()` or `reject()`, else None.
+
+        Not kept after the answer: about 1.5 KiB per idle connection on a busy mesh.
+        """
         return self._request
 
     def _upgrading(self) -> ServerHandshake:
