@@ -234,6 +234,43 @@ payload_ok(PyObject *frame, PyObject *id, int rule)
     return ok;
 }
 
+static int
+fields_ok(PyObject *const *v)
+{
+    return is_uuid(v[F_ID]) && is_timestamp(v[F_TS])
+           && (v[F_REPLY] == Py_None || is_uuid(v[F_REPLY]))
+           && (v[F_TRACE] == Py_None || is_lower_hex(v[F_TRACE], 32))
+           && (v[F_SPAN] == Py_None || is_lower_hex(v[F_SPAN], 16));
+}
+
+/* The slow way, for a type whose fields are not slots (another msgspec, a stand-in). */
+static PyObject *
+frame_ok_by_name(PyObject *frame)
+{
+    PyObject *v[N_FIELDS] = {NULL};
+    int ok = -1, rule = PAYLOAD_NONE;
+    for (int f = 0; f < N_FIELDS; f++) {
+        v[f] = PyObject_GetAttr(frame, field_names[f]);
+        if (v[f] == NULL) {
+            goto done;
+        }
+    }
+    ok = fields_ok(v);
+    for (int r = PAYLOAD_DISPATCH; r <= PAYLOAD_WELCOME; r++) {
+        if ((PyObject *)Py_TYPE(frame) == rule_types[r]) {
+            rule = r;
+        }
+    }
+    if (ok && rule != PAYLOAD_NONE) {
+        ok = payload_ok(frame, v[F_ID], rule);
+    }
+done:
+    for (int f = 0; f < N_FIELDS; f++) {
+        Py_XDECREF(v[f]);
+    }
+    return ok < 0 ? NULL : PyBool_FromLong(ok);
+}
+
 static PyObject *
 frame_ok(PyObject *module, PyObject *frame)
 {
@@ -242,8 +279,7 @@ frame_ok(PyObject *module, PyObject *frame)
     PyObject *v[N_FIELDS];
     int ok;
     if (layout == NULL) {
-        PyErr_Format(PyExc_TypeError, "not a svantic.v1 frame: %R", Py_TYPE(frame));
-        return NULL;
+        return frame_ok_by_name(frame);
     }
     for (int f = 0; f < N_FIELDS; f++) {
         v[f] = slot(frame, layout, f);
@@ -251,10 +287,7 @@ frame_ok(PyObject *module, PyObject *frame)
             Py_RETURN_FALSE;
         }
     }
-    ok = is_uuid(v[F_ID]) && is_timestamp(v[F_TS])
-         && (v[F_REPLY] == Py_None || is_uuid(v[F_REPLY]))
-         && (v[F_TRACE] == Py_None || is_lower_hex(v[F_TRACE], 32))
-         && (v[F_SPAN] == Py_None || is_lower_hex(v[F_SPAN], 16));
+    ok = fields_ok(v);
     if (ok && layout->payload_rule != PAYLOAD_NONE) {
         ok = payload_ok(frame, v[F_ID], layout->payload_rule);
         if (ok < 0) {
@@ -371,9 +404,12 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module_def = {
-    PyModuleDef_HEAD_INIT, "_speedups",
-    "C versions of the codec's strict string checks (optional; codec.py has a fallback).", -1,
-    methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_speedups",
+    .m_doc = "C versions of the codec's strict checks and of WebSocket masking (optional; "
+             "codec.py and framing.py have fallbacks).",
+    .m_size = -1,
+    .m_methods = methods,
 };
 
 PyMODINIT_FUNC

@@ -138,8 +138,16 @@ def test_payload_rules_match_the_fallback() -> None:
     assert not speedups.frame_ok(other)
 
 
-def test_frame_check_refuses_what_is_not_a_frame() -> None:
-    with pytest.raises(TypeError):
+def test_frame_check_reads_fields_by_name_without_a_slot_layout() -> None:
+    """A type whose fields are not slots (say, another msgspec's Structs) is still checked."""
+    from types import SimpleNamespace
+
+    good = codec.FrameFactory(lambda: 1_700_000_000.0).new(f.Ping, f.PingPayload())
+    fields = {name: getattr(good, name) for name in ("id", "ts", "trace_id", "parent_span_id")}
+    stand_in = SimpleNamespace(in_reply_to=None, payload=good.payload, **fields)
+    assert speedups.frame_ok(stand_in) is True
+    assert speedups.frame_ok(SimpleNamespace(**{**vars(stand_in), "ts": "yesterday"})) is False
+    with pytest.raises(AttributeError):
         speedups.frame_ok(object())
 
 
