@@ -116,13 +116,11 @@ def _frame_ok_re(frame: Frame) -> bool:
     return payload_check is None or payload_check(frame)
 
 
-_valid_uuid = re.compile(_U, re.ASCII).fullmatch
-
 # Payload rules checked after the parse, with the envelope's (see frames.py for why).
 _PAYLOAD_CHECKS: dict[type, Callable[[Any], bool]] = {
     Dispatch: lambda f: f.payload.dispatch_id == f.id,
-    Cancel: lambda f: _valid_uuid(f.payload.dispatch_id) is not None,
-    Welcome: lambda f: all(_valid_uuid(i) is not None for i in f.payload.replayed_dispatches),
+    Cancel: lambda f: is_canonical_uuid(f.payload.dispatch_id),
+    Welcome: lambda f: all(is_canonical_uuid(i) for i in f.payload.replayed_dispatches),
 }
 
 _frame_ok: Callable[[Frame], bool]

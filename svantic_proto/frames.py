@@ -12,7 +12,7 @@ use `None` (or the spec's default) and are omitted again when encoding.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
@@ -350,24 +350,7 @@ Frame = (
 )
 
 FRAME_TYPES: dict[str, type[Frame]] = {
-    cls.__struct_config__.tag: cls  # type: ignore[misc]
-    for cls in (
-        Hello,
-        Welcome,
-        Dispatch,
-        DispatchAck,
-        DispatchChunk,
-        DispatchResult,
-        ToolCall,
-        ToolResult,
-        Heartbeat,
-        Ping,
-        Pong,
-        Error,
-        CloseRequest,
-        Cancel,
-        TokenRefresh,
-    )
+    cls.__struct_config__.tag: cls for cls in get_args(Frame)  # the union is the one list
 }
 """Every frame type this implementation knows, by its `type` string."""
 

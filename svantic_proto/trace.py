@@ -81,6 +81,11 @@ def _check_id(name: str, text: str, length: int) -> str | None:
     return None
 
 
+def _check_flags(flags: object) -> None:
+    if isinstance(flags, bool) or not isinstance(flags, int) or not 0 <= flags <= 0xFF:
+        raise LocalProtocolError(f"trace_flags must be an int in 0..255, got {flags!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class TraceParent:
     """One parsed `traceparent` value (W3C Trace Context level 1).
@@ -106,14 +111,7 @@ class TraceParent:
         ):
             if problem is not None:
                 raise LocalProtocolError(problem)
-        if (
-            isinstance(self.trace_flags, bool)
-            or not isinstance(self.trace_flags, int)
-            or not 0 <= self.trace_flags <= 0xFF
-        ):
-            raise LocalProtocolError(
-                f"trace_flags must be an int in 0..255, got {self.trace_flags!r}"
-            )
+        _check_flags(self.trace_flags)
 
     @property
     def sampled(self) -> bool:
@@ -518,14 +516,7 @@ class SessionTraceContext:
             ):
                 if problem is not None:
                     raise LocalProtocolError(problem)
-        if (
-            isinstance(self.trace_flags, bool)
-            or not isinstance(self.trace_flags, int)
-            or not 0 <= self.trace_flags <= 0xFF
-        ):
-            raise LocalProtocolError(
-                f"trace_flags must be an int in 0..255, got {self.trace_flags!r}"
-            )
+        _check_flags(self.trace_flags)
         if not isinstance(self.baggage, Baggage):
             object.__setattr__(self, "baggage", Baggage(self.baggage))
 
