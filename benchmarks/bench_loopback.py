@@ -178,27 +178,33 @@ def adapter_status(name: str) -> tuple[Any | None, str]:
         return None, f"not available ({exc})"
 
 
-@contextlib.contextmanager
-def recording_texts() -> Any:
-    """Every text message our connections send meanwhile, in order."""
-    sent: list[str] = []
-    send_text = Framing.send_text
+def recorded_texts() -> tuple[str, str]:
+    """The texts of one dispatch (its token included) and of its result, as our connections
+    write them: one round trip in memory with the benchmark's identities, arguments and
+    auth. The same bytes as live but for the id, timestamps and signature (the core may be
+    compiled, so its methods cannot be wrapped to record a live run)."""
+    from svantic_proto.testing import Pair
 
-    def recording(framing: Framing, text: str | bytes) -> None:
-        sent.append(text if isinstance(text, str) else text.decode())
-        send_text(framing, text)
-
-    Framing.send_text = recording  # type: ignore[method-assign,assignment]
-    try:
-        yield sent
-    finally:
-        Framing.send_text = send_text  # type: ignore[method-assign]
-
-
-def dispatch_and_result(sent: list[str]) -> tuple[str, str]:
-    dispatch = next(text for text in sent if '"type":"dispatch"' in text)
-    result = next(text for text in sent if '"type":"dispatch_result"' in text)
+    pair = Pair(BENCH_CONFIG, instance_id=INSTANCE, tenant_id=TENANT, agent_type="bench-agent")
+    pair.connect()
+    now = pair.clock.now
+    pair.mesh.send_dispatch("echo", ARGUMENTS, deadline_ms=30_000, now=now)
+    sent = pair.mesh.data_to_send()
+    (dispatch,) = _texts(sent, client=True)
+    for chunk in sent:
+        pair.agent.receive_data(chunk, now)
+    (received,) = pair.agent.events_received()
+    pair.agent.send_result(received.dispatch_id, received.arguments)  # type: ignore[attr-defined]
+    (result,) = _texts(pair.agent.data_to_send(), client=False)
     return dispatch, result
+
+
+def _texts(chunks: list[bytes], client: bool) -> list[str]:
+    """The text messages in `chunks`, as the other side's framing reads them."""
+    from svantic_proto.framing import TextReceived
+
+    reader = Framing(client=client)
+    return [e.text for c in chunks for e in reader.receive_data(c) if type(e) is TextReceived]
 
 
 # --- round trips on asyncio --------------------------------------------------------------
@@ -256,9 +262,8 @@ class Ours(Candidate):
         self.agent.add("echo", echo)
         await self.stack.enter_async_context(self.agent)
         await self.server.wait_for_agent(INSTANCE)
-        with recording_texts() as sent:
-            await self.one()
-        self.texts = dispatch_and_result(sent)
+        await self.one()
+        self.texts = recorded_texts()
 
     async def one(self) -> Any:
         return await self.server.dispatch(INSTANCE, "echo", ARGUMENTS)
@@ -333,9 +338,8 @@ class GeventOurs:
         self.agent.add("echo", lambda arguments, context: arguments)
         self.agent.start().wait_ready(10)
         self.server.wait_for_agent(INSTANCE)
-        with recording_texts() as sent:
-            self.one()
-        self.texts = dispatch_and_result(sent)
+        self.one()
+        self.texts = recorded_texts()
 
     def one(self) -> Any:
         return self.server.dispatch(INSTANCE, "echo", ARGUMENTS)

@@ -7,6 +7,8 @@ for runnable clients and servers.
 
 from __future__ import annotations
 
+from . import _compiled  # first: it may switch the compiled modules back to their sources
+from . import connection as _connection
 from .agent import AgentConnection, AgentSession
 from .auth import (
     DISPATCH_AUTH_ENABLED_ENV,
@@ -117,6 +119,7 @@ __all__ = [
     "CLOSE_TRANSPORT",
     "CloseRequest",
     "CloseRequested",
+    "COMPILED",
     "Config",
     "ConnectionClosed",
     "ConnectionStats",
@@ -192,3 +195,6 @@ __all__ = [
     "verify_shared_secret",
     "Welcome",
 ]
+
+COMPILED: bool = _compiled.is_compiled(_connection)
+"""Whether the core's per-frame path runs compiled (mypyc) rather than from its sources."""

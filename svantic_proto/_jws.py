@@ -111,8 +111,18 @@ class HS256Signer:
     """
 
     __slots__ = ("_inner", "_outer", "_prefix")
+    _inner: hashlib._Hash
+    _outer: hashlib._Hash
+    _prefix: bytes
 
-    def __init__(self, secret: bytes) -> None:
+    def __init__(self, secret: bytes, *, copy_of: HS256Signer | None = None) -> None:
+        """Key the two SHA-256 states with `secret`, or take `copy_of`'s (a compiled class
+        has no `__new__` trick for that)."""
+        if copy_of is not None:
+            self._inner = copy_of._inner.copy()
+            self._outer = copy_of._outer
+            self._prefix = copy_of._prefix
+            return
         if len(secret) > _SHA256_BLOCK_SIZE:
             secret = hashlib.sha256(secret).digest()
         padded = secret.ljust(_SHA256_BLOCK_SIZE, b"\0")
@@ -123,10 +133,8 @@ class HS256Signer:
     def with_prefix(self, prefix: bytes) -> HS256Signer:
         """A signer for messages that start with `prefix`: `sign(rest)` is the signature
         of `prefix + rest`, and the signing input need never be sliced or joined."""
-        prefixed = HS256Signer.__new__(HS256Signer)
-        prefixed._inner = self._inner.copy()
+        prefixed = HS256Signer(b"", copy_of=self)
         prefixed._inner.update(prefix)
-        prefixed._outer = self._outer
         prefixed._prefix = self._prefix + prefix
         return prefixed
 

@@ -43,7 +43,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from os import urandom
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
@@ -642,7 +642,9 @@ class Framing:
             self._closed_sent = True
             # Pass wsproto's own code object: it writes an empty close only for its
             # NO_STATUS_RCVD member, and would turn a plain 1005 into 1000.
-            self._outgoing.append(self._connection.send(CloseConnection(code=event.code)))
+            # Read as an object: a compiled build would otherwise unbox it to a plain int.
+            code_object: Any = cast(Any, event).code
+            self._outgoing.append(self._connection.send(CloseConnection(code=code_object)))
         events.append(CloseReceived(received_code, event.reason or ""))
 
     # -- failure -------------------------------------------------------------

@@ -180,7 +180,7 @@ class MeshConnection(_Connection):
     `UpgradeRequest` event asks you to `accept()` or `reject()`.
     """
 
-    _table = MESH_TRANSITIONS
+    _table: Any = MESH_TRANSITIONS
     _client = False
 
     def __init__(
@@ -535,13 +535,16 @@ class MeshConnection(_Connection):
         capability: str,
         arguments: dict[str, Any] | None = None,
         *,
-        deadline_ms: int,
+        deadline_ms: int | object,
         now: float,
         task_id: str | None = None,
         session_context: SessionContext | None = None,
         dispatch_id: str | None = None,
     ) -> str:
         """Send one dispatch and track it to its terminal frame or deadline; returns its id.
+
+        `deadline_ms` is checked here (a positive int, not a bool or float): typed wider
+        than `int` so that a compiled build does not coerce a bool before the check.
 
         If no dispatch-auth envelope can be minted, no frame is sent and a
         `DispatchFailed(AGENT_UNHEALTHY)` event reports it (spec 7, fail closed).

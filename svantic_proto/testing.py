@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
 from .agent import AgentConnection, AgentSession
 from .auth import DispatchAuthMinter, DispatchAuthVerifier
@@ -55,6 +55,7 @@ def _seeded_bytes(seed: int) -> Callable[[int], bytes]:
 class _Link:
     agent: AgentConnection
     mesh: MeshConnection
+    silent: set[str] = field(default_factory=set)  # "agent" and/or "mesh": output lost
 
 
 class Pair:
@@ -150,8 +151,15 @@ class Pair:
                 return
         raise RuntimeError("pump did not settle")
 
+    def go_silent(self, side: Literal["agent", "mesh"]) -> None:
+        """From now on, what `side` writes is lost (half-open TCP), on this connection only:
+        it still hears its peer, and `reconnect()` gives a connection that is heard."""
+        self._link.silent.add(side)
+
     def _deliver(self, sender: Any, receiver: Any, now: float) -> bool:
         chunks = sender.data_to_send()
+        if self._link.silent and ("agent" if sender is self.agent else "mesh") in self._link.silent:
+            return False
         for chunk in chunks:
             if chunk == b"":
                 receiver.receive_eof(now)

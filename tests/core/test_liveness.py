@@ -188,8 +188,7 @@ def test_the_mesh_kills_a_silent_agent_and_the_agent_will_reconnect() -> None:
     pair = Pair(config)
     pair.connect()
     ready_at = pair.clock.now
-    lost: list[bytes] = []
-    pair.agent.data_to_send = lambda: lost  # type: ignore[method-assign]  # half-open TCP
+    pair.go_silent("agent")  # half-open TCP
     advance_to(pair, ready_at + 9.999)
     assert pair.mesh_events_of(ConnectionClosed) == []
     advance_to(pair, ready_at + 10.0)
