@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, TypeVar, cast
 
 from svantic_proto import AgentConnection, Config, RetryDecision
@@ -261,6 +262,39 @@ def _sync_or_async(result: Any) -> Awaitable[Any]:
     return future
 
 
+async def _resume(started: Coroutine[Any, Any, None], awaiting: Any) -> None:
+    """The rest of a coroutine started eagerly, now waiting on `awaiting`."""
+    await _Continue(started, awaiting)
+
+
+class _Continue:
+    """Hands a started coroutine's pending awaitable to the task, then the task's sends and
+    throws (a cancellation) back to the coroutine, as `await` would have from the start."""
+
+    __slots__ = ("_awaiting", "_coroutine")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None], awaiting: Any) -> None:
+        self._coroutine, self._awaiting = coroutine, awaiting
+
+    def __await__(self) -> Generator[Any, Any, None]:
+        coroutine, awaiting = self._coroutine, self._awaiting
+        step: Callable[[Any], Any]
+        while True:
+            try:
+                sent = yield awaiting
+            except GeneratorExit:
+                coroutine.close()
+                raise
+            except BaseException as exc:
+                step, value = coroutine.throw, exc
+            else:
+                step, value = coroutine.send, sent
+            try:
+                awaiting = step(value)
+            except StopIteration:
+                return
+
+
 class Agent(AgentBase[_Link, Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
@@ -315,8 +349,17 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
 
     def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                        context: DispatchContext) -> None:
-        self._handlers[event.dispatch_id] = asyncio.create_task(
-            self._run_handler(handler, event, context))
+        """Start the handler at once, as Python 3.12's eager tasks do: one that answers
+        without waiting answers in this callback, with no task and no extra loop pass.
+        Only a handler that waits gets a task, which goes on from where it stopped."""
+        runner = self._run_handler(handler, event, context)
+        handler_context = contextvars.copy_context()  # what a task would have had
+        try:
+            awaiting = handler_context.run(runner.send, None)
+        except StopIteration:
+            return
+        self._handlers[event.dispatch_id] = asyncio.get_running_loop().create_task(
+            _resume(runner, awaiting), context=handler_context)
 
     async def _run_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                            context: Any) -> None:
