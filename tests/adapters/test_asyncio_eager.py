@@ -1,0 +1,127 @@
+"""The asyncio adapter starts handlers eagerly; they must still behave as task-run handlers.
+
+Real TLS from trustme on 127.0.0.1. What a user relies on: a handler that answers at once
+needs no task; one that waits is still a task (cancellable by the dispatch's deadline); each
+handler has its own copy of the context, as a task would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import ssl
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trustme
+from svantic_adapters.asyncio import Agent, DispatchError, MeshServer, connect
+
+from svantic_proto import (
+    DispatchAuthMinter,
+    DispatchAuthVerifier,
+    InstanceRecord,
+    jwt_dispatch_auth,
+)
+
+SECRET = "eager-test-signing-secret-of-32+bytes"
+TOKEN = "eager-transport-token"
+INSTANCE = "eager-agent-1"
+REQUEST = contextvars.ContextVar("REQUEST", default="unset")
+
+
+class _Claims:
+    tenant_id = "t-1"
+    sub = "eager"
+    exp = time.time() + 3600
+
+
+@asynccontextmanager
+async def mesh_and_agent(**handlers: Any) -> AsyncIterator[tuple[MeshServer, Agent]]:
+    ca = trustme.CA()
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_tls)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+    server = MeshServer(
+        ssl_context=server_tls,
+        verify_token=lambda token: _Claims() if token == TOKEN else None,
+        lookup_instance=lambda i: InstanceRecord(i, "t-1", "connected", "eager-agent"),
+        dispatch_auth=jwt_dispatch_auth(DispatchAuthMinter(SECRET)),
+    )
+    host, port = await server.start("127.0.0.1", 0)
+    agent = connect(f"wss://{host}:{port}/agents/connect", token=TOKEN, instance_id=INSTANCE,
+                    agent_type="eager-agent", ssl_context=client_tls,
+                    dispatch_auth=DispatchAuthVerifier(INSTANCE, hs256_keys=[SECRET]))
+    for name, handler in handlers.items():
+        agent.add(name, handler)
+    try:
+        async with agent:
+            await server.wait_for_agent(INSTANCE, timeout=10)
+            yield server, agent
+    finally:
+        await server.close(grace=0)
+
+
+def test_a_handler_that_does_not_wait_runs_without_a_task() -> None:
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    async def at_once(arguments: Any, context: Any) -> Any:
+        tasks.append(asyncio.current_task())
+        return arguments
+
+    async def scenario() -> None:
+        async with mesh_and_agent(at_once=at_once) as (server, agent):
+            assert await server.dispatch(INSTANCE, "at_once", {"n": 1}) == {"n": 1}
+            assert agent._handlers == {}
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert tasks == [None]
+
+
+def test_a_handler_that_waits_goes_on_in_a_task_and_its_deadline_cancels_it() -> None:
+
+    async def waits(arguments: Any, context: Any) -> Any:
+        await asyncio.sleep(0)
+        assert asyncio.current_task() is not None  # the rest runs in a task
+        if arguments.get("forever"):
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+        return "done"
+
+    seen: list[str] = []
+
+    async def scenario() -> None:
+        async with mesh_and_agent(waits=waits) as (server, _):
+            assert await server.dispatch(INSTANCE, "waits", {}) == "done"
+            with pytest.raises(DispatchError):
+                await server.dispatch(INSTANCE, "waits", {"forever": True}, deadline_ms=200)
+            for _ in range(200):  # the agent's cancel follows the mesh's deadline
+                if seen:
+                    break
+                await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert seen == ["cancelled"]
+
+
+def test_each_handler_has_its_own_context() -> None:
+    async def sets(arguments: Any, context: Any) -> Any:
+        before = REQUEST.get()
+        REQUEST.set(arguments["id"])
+        await asyncio.sleep(0)
+        return [before, REQUEST.get()]
+
+    async def scenario() -> list[Any]:
+        async with mesh_and_agent(sets=sets) as (server, _):
+            return list(await asyncio.gather(
+                *(server.dispatch(INSTANCE, "sets", {"id": f"r{i}"}) for i in range(3))))
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [
+        ["unset", "r0"], ["unset", "r1"], ["unset", "r2"]]
+    assert REQUEST.get() == "unset"
