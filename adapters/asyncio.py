@@ -107,6 +107,11 @@ class _Link(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    @property
+    def paused(self) -> bool:
+        """The transport asked us to stop writing (its buffer is over the high-water mark)."""
+        return self._writable is not None
+
     async def drain(self, limit: int) -> None:
         """Over `limit` bytes queued, wait until the transport is below its low-water mark."""
         transport, writable = self.transport, self._writable
@@ -446,7 +451,8 @@ class AgentLink(AgentLinkBase["MeshServer", _Link]):
         dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
                                           waiter=future, on_chunk=on_chunk,
                                           now=self.link.loop.time())
-        await self.link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure, not memory growth
+        if self.link.paused:  # backpressure, not memory growth
+            await self.link.drain(WRITE_BUFFER_LIMIT // 4)
         try:
             return await future
         finally:
