@@ -44,6 +44,7 @@ class _SourcesFirst(importlib.abc.MetaPathFinder):
 
 
 def is_compiled(module: ModuleType) -> bool:
+    """A compiled module's file is its extension library, not its source."""
     return not str(getattr(module, "__file__", "") or "").endswith(".py")
 
 

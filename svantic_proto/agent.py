@@ -139,7 +139,7 @@ class AgentConnection(_Connection):
     the session is ready and what to run; `send_result()` and friends answer.
     """
 
-    _table: Any = AGENT_TRANSITIONS
+    _table: Any = AGENT_TRANSITIONS  # typed as in the base class, which compiled classes require
     _client = True
 
     def __init__(

@@ -180,7 +180,7 @@ class MeshConnection(_Connection):
     `UpgradeRequest` event asks you to `accept()` or `reject()`.
     """
 
-    _table: Any = MESH_TRANSITIONS
+    _table: Any = MESH_TRANSITIONS  # typed as in the base class, which compiled classes require
     _client = False
 
     def __init__(
