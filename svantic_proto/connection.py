@@ -28,6 +28,7 @@ from .framing import (
     Framing,
     FramingEvent,
     FramingFailed,
+    ReadBuffer,
     TextReceived,
     TransportClosed,
 )
@@ -163,11 +164,14 @@ class _Connection:
             if self._dispatch_deadline_live(dispatch_id, deadline):
                 self._on_dispatch_deadline(dispatch_id, now)
 
-    def receive_data(self, data: bytes, now: float) -> None:
-        """Feed bytes read from the transport; then call `events_received()`, `data_to_send()`
-        and `next_deadline()`. Never raises on bad input from the peer."""
+    def receive_data(self, data: ReadBuffer, now: float) -> None:
+        """Feed bytes read from the transport (bytes, or a bytearray or memoryview, copied);
+        then call `events_received()`, `data_to_send()` and `next_deadline()`. Never raises
+        on bad input from the peer."""
         if self._transport_closed or not data:
             return
+        if type(data) is not bytes:
+            data = bytes(data)
         heap, timers = self._deadlines, self._timers
         if (heap and heap[0][0] <= now) or (timers and min(timers.values()) <= now):
             # Time order: a deadline that passed before these bytes were read fires first,

@@ -180,6 +180,10 @@ class TransportClosed:
     unless a close was exchanged first."""
 
 
+ReadBuffer: TypeAlias = bytes | bytearray | memoryview
+"""What a transport may hand over as read bytes (`recv`, `recv_into` views); copied once to
+`bytes` where it comes in, so the core never keeps a view of the caller's buffer."""
+
 FramingEvent: TypeAlias = (
     TextReceived
     | BinaryReceived
@@ -449,7 +453,7 @@ class Framing:
 
     # -- receiving ---------------------------------------------------------
 
-    def receive_data(self, data: bytes | None) -> list[FramingEvent]:
+    def receive_data(self, data: ReadBuffer | None) -> list[FramingEvent]:
         """Feed bytes from the transport (`None` at EOF) and return what they meant.
 
         Never raises on peer input. Replies the protocol obliges (pong, close echo,
@@ -461,6 +465,8 @@ class Framing:
             self._done = True
             self._text_parts = []
             return [_TRANSPORT_CLOSED]
+        if type(data) is not bytes:
+            data = bytes(data)
         events: list[FramingEvent] = []
         frame_decoder = self._ws_frame_decoder
         if (

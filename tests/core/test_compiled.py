@@ -11,9 +11,15 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 import svantic_proto
-from svantic_proto import _compiled
+from svantic_proto import DispatchReceived, _compiled
+from svantic_proto.framing import Framing, TextReceived
+from svantic_proto.testing import Pair
 
 PROBE = (
     "import json, importlib, svantic_proto as s; from svantic_proto import _compiled as c; "
@@ -60,3 +66,18 @@ def test_the_compiled_modules_are_the_per_frame_path() -> None:
     assert {"framing", "connection", "agent", "mesh"} <= names
     # Frames and events are msgspec Structs, which mypyc cannot compile: they stay sources.
     assert not names & {"frames", "events", "codec"}
+
+
+@pytest.mark.parametrize("buffer", [bytes, bytearray, memoryview])
+def test_read_bytes_may_come_as_any_buffer(buffer: Callable[[bytes], Any]) -> None:
+    """A transport built on `recv_into` hands over views: both builds take them alike."""
+    pair = Pair()
+    pair.connect()
+    pair.mesh.send_dispatch("echo", {"n": 1}, deadline_ms=1000, now=pair.clock.now)
+    data = b"".join(pair.mesh.data_to_send())
+    pair.agent.receive_data(buffer(data), pair.clock.now)
+    (received,) = pair.agent.events_received()
+    assert isinstance(received, DispatchReceived) and received.arguments == {"n": 1}
+    framing = Framing(client=True)
+    (text,) = framing.receive_data(buffer(data))
+    assert isinstance(text, TextReceived) and '"dispatch"' in text.text
