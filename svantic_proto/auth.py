@@ -178,6 +178,13 @@ def _check_text(name: str, value: object) -> None:
         raise LocalProtocolError(f"{name} must be a non-empty string, not {value!r}")
 
 
+def _check_agent_names(instance_id: str, agent_type: str, tenant_id: str) -> None:
+    """The three names every agent's tokens carry (each checked once per mint or bind)."""
+    _check_text("instance_id", instance_id)
+    _check_text("agent_type", agent_type)
+    _check_text("tenant_id", tenant_id)
+
+
 def _check_lifetime(lifetime: int) -> None:
     if type(lifetime) is not int or lifetime <= 0:
         raise LocalProtocolError(f"lifetime must be a positive int of seconds, not {lifetime!r}")
@@ -382,12 +389,11 @@ class _ClaimsMinter:
         The same tokens as `mint_token`, with the per-agent work done here once: a mesh
         connection binds one when it sends its first dispatch.
         """
+        _check_agent_names(instance_id, agent_type, tenant_id)
         return self._agent_tokens(instance_id, agent_type, tenant_id).mint
 
     def _agent_tokens(self, instance_id: str, agent_type: str, tenant_id: str) -> _AgentTokens:
-        _check_text("instance_id", instance_id)
-        _check_text("agent_type", agent_type)
-        _check_text("tenant_id", tenant_id)
+        """One agent's token state, from names the caller has checked."""
         head = _JSON_ENCODER.encode(_ClaimsHead(self._issuer, instance_id, agent_type, tenant_id))
         head = head[:-1] + b","  # the tail's members follow: `{"iss":...,"tenant_id":"t",`
         cut = len(head) - len(head) % 3
@@ -406,9 +412,7 @@ class _ClaimsMinter:
     ) -> str:
         """The compact JWT alone; `now` is the mesh's wall time in seconds."""
         _check_wall_time(now)
-        _check_text("instance_id", instance_id)
-        _check_text("agent_type", agent_type)
-        _check_text("tenant_id", tenant_id)
+        _check_agent_names(instance_id, agent_type, tenant_id)
         agents = self._agents
         key = (instance_id, agent_type, tenant_id)
         tokens = agents.get(key)

@@ -911,7 +911,42 @@ class _ProxiedConnection:
     threads: list[threading.Thread] = field(default_factory=list)
 
 
-class TcpProxy:
+class _LoopbackListener:
+    """A listener on 127.0.0.1 whose thread hands each accepted socket to `_accepted`.
+    Subclasses set their own state before calling `__init__`, which starts the thread."""
+
+    def __init__(self, name: str) -> None:
+        self._listener = socket.create_server((HOST, 0))
+        self._listener.settimeout(0.05)
+        self.port: int = self._listener.getsockname()[1]
+        self._closing = False
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True, name=name)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"wss://{HOST}:{self.port}/agents/connect"
+
+    def _accept_loop(self) -> None:
+        while not self._closing:
+            try:
+                sock, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self._accepted(sock)
+
+    def _accepted(self, sock: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._closing = True
+        self._thread.join(1.0)
+        self._listener.close()
+
+
+class TcpProxy(_LoopbackListener):
     """A loopback TCP proxy in front of a mesh that can fail like a network does.
 
     `stall()` makes the current connections go silent both ways (bytes are read
@@ -922,50 +957,34 @@ class TcpProxy:
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
-        self._listener = socket.create_server((HOST, 0))
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
         self.accepted_at: list[float] = []
         self.upstream_failures = 0
         self.connections: list[_ProxiedConnection] = []
         self._lock = threading.Lock()
-        self._closing = False
-        self._thread = threading.Thread(target=self._accept_loop, daemon=True, name="tcp-proxy")
-        self._thread.start()
+        super().__init__("tcp-proxy")
 
-    @property
-    def url(self) -> str:
-        return f"wss://{HOST}:{self.port}/agents/connect"
-
-    def _accept_loop(self) -> None:
-        while not self._closing:
-            try:
-                client, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
+    def _accepted(self, client: socket.socket) -> None:
+        with self._lock:
+            self.accepted_at.append(time.monotonic())
+        try:
+            upstream = socket.create_connection((HOST, self.target_port), timeout=2)
+        except OSError:
             with self._lock:
-                self.accepted_at.append(time.monotonic())
-            try:
-                upstream = socket.create_connection((HOST, self.target_port), timeout=2)
-            except OSError:
-                with self._lock:
-                    self.upstream_failures += 1
-                _reset(client)
-                continue
-            client.settimeout(None)
-            upstream.settimeout(None)
-            connection = _ProxiedConnection(client, upstream)
-            for source, sink, end in ((client, upstream, "client"),
-                                      (upstream, client, "upstream")):
-                thread = threading.Thread(target=self._pump, daemon=True,
-                                          args=(connection, source, sink, end))
-                connection.threads.append(thread)
-            with self._lock:
-                self.connections.append(connection)
-            for thread in connection.threads:
-                thread.start()
+                self.upstream_failures += 1
+            _reset(client)
+            return
+        client.settimeout(None)
+        upstream.settimeout(None)
+        connection = _ProxiedConnection(client, upstream)
+        for source, sink, end in ((client, upstream, "client"),
+                                  (upstream, client, "upstream")):
+            thread = threading.Thread(target=self._pump, daemon=True,
+                                      args=(connection, source, sink, end))
+            connection.threads.append(thread)
+        with self._lock:
+            self.connections.append(connection)
+        for thread in connection.threads:
+            thread.start()
 
     def _pump(self, connection: _ProxiedConnection, source: socket.socket,
               sink: socket.socket, end: str) -> None:
@@ -1001,29 +1020,25 @@ class TcpProxy:
         return stalled
 
     def cut(self) -> list[_ProxiedConnection]:
-        cut = self.live()
-        for connection in cut:
-            connection.cut = True
-        for connection in cut:
-            for thread in connection.threads:
-                thread.join(1.0)
-            _reset(connection.client)
-            _reset(connection.upstream)
-        return cut
+        return _cut(self.live())
 
     def close(self) -> None:
-        self._closing = True
-        self._thread.join(1.0)
-        self._listener.close()
+        super().close()
         with self._lock:
             connections = list(self.connections)
-        for connection in connections:
-            connection.cut = True
-        for connection in connections:
-            for thread in connection.threads:
-                thread.join(1.0)
-            _reset(connection.client)
-            _reset(connection.upstream)
+        _cut(connections)
+
+
+def _cut(connections: list[_ProxiedConnection]) -> list[_ProxiedConnection]:
+    """Stop the connections' pumps, then reset both ends of each."""
+    for connection in connections:
+        connection.cut = True
+    for connection in connections:
+        for thread in connection.threads:
+            thread.join(1.0)
+        _reset(connection.client)
+        _reset(connection.upstream)
+    return connections
 
 
 def _reset(sock: socket.socket) -> None:
@@ -1034,7 +1049,7 @@ def _reset(sock: socket.socket) -> None:
         sock.close()
 
 
-class CannedHttpsServer:
+class CannedHttpsServer(_LoopbackListener):
     """Answers every TLS connection's request with one fixed HTTP error (spec 1 body)."""
 
     def __init__(self, certs: Certs, status: int, code: str, message: str = "canned") -> None:
@@ -1044,44 +1059,21 @@ class CannedHttpsServer:
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode() + body
         self._context = certs.server_context()
-        self._listener = socket.create_server((HOST, 0))
-        self._listener.settimeout(0.05)
-        self.port: int = self._listener.getsockname()[1]
         self.requests: list[bytes] = []
-        self._closing = False
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="canned-https")
-        self._thread.start()
+        super().__init__("canned-https")
 
-    @property
-    def url(self) -> str:
-        return f"wss://{HOST}:{self.port}/agents/connect"
-
-    def _serve(self) -> None:
-        while not self._closing:
-            try:
-                raw, _ = self._listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            raw.settimeout(5)
-            try:
-                with self._context.wrap_socket(raw, server_side=True) as conn:
-                    request = b""
-                    while b"\r\n\r\n" not in request:
-                        data = conn.recv(4096)
-                        if not data:
-                            break
-                        request += data
-                    self.requests.append(request)
-                    conn.sendall(self.response)
-            except OSError:
-                continue
-
-    def close(self) -> None:
-        self._closing = True
-        self._thread.join(1.0)
-        self._listener.close()
+    def _accepted(self, raw: socket.socket) -> None:
+        raw.settimeout(5)
+        with contextlib.suppress(OSError), self._context.wrap_socket(
+                raw, server_side=True) as conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(4096)
+                if not data:
+                    break
+                request += data
+            self.requests.append(request)
+            conn.sendall(self.response)
 
 
 def raw_upgrade(port: int, certs: Certs, target: str, headers: Iterable[tuple[str, str]]

@@ -176,10 +176,8 @@ def probe() -> Probe:
     return Probe()
 
 
-@pytest.fixture
-def agent(mesh: tuple[MeshServer, int], tls: Tls, probe: Probe) -> Iterator[Agent]:
-    server, port = mesh
-    agent = make_agent(port, tls, probe)
+def run_in_hub_thread(agent: Agent) -> HubThread:
+    """`agent.run()` in a thread of its own hub, once `start()` has returned there."""
     started = threading.Event()
 
     def run() -> None:
@@ -190,6 +188,14 @@ def agent(mesh: tuple[MeshServer, int], tls: Tls, probe: Probe) -> Iterator[Agen
     thread = HubThread(run)
     thread.start()
     assert started.wait(WAIT)
+    return thread
+
+
+@pytest.fixture
+def agent(mesh: tuple[MeshServer, int], tls: Tls, probe: Probe) -> Iterator[Agent]:
+    server, port = mesh
+    agent = make_agent(port, tls, probe)
+    thread = run_in_hub_thread(agent)
     assert agent.wait_ready(WAIT)
     server.wait_for_agent("agent-1", timeout=WAIT)
     yield agent
@@ -262,16 +268,7 @@ def test_final_refusal_raises_the_typed_handshake_error(
 ) -> None:
     _, port = mesh
     agent = make_agent(port, tls, probe, instance_id="ghost")
-    started = threading.Event()
-
-    def run() -> None:
-        agent.start()
-        started.set()
-        agent.run()
-
-    thread = HubThread(run)
-    thread.start()
-    assert started.wait(WAIT)
+    thread = run_in_hub_thread(agent)
     with pytest.raises(HandshakeRejected) as refused:
         agent.wait_ready(WAIT)
     assert refused.value.status == 404
