@@ -7,10 +7,13 @@ keeps one timer per connection at the core's deadline, and runs handlers.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import contextlib
 import contextvars
+import functools
 import inspect
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, TypeVar, cast
 
@@ -259,45 +262,95 @@ class _Link(asyncio.Protocol):
                 self._on_done(self)
 
 
-def _sync_or_async(result: Any) -> Awaitable[Any]:
-    if inspect.isawaitable(result):
-        return result
-    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-    future.set_result(result)
-    return future
+def start_handler(handler: Callable[..., Any], arguments: Any, context: Any,
+                  answer: Callable[..., None]) -> asyncio.Task[None] | None:
+    """Run a handler as a task would, in its own copy of the context; returns the task while
+    it runs.
+
+    A plain function is called here and answered at once: no task, no extra loop pass. A
+    coroutine runs in a task from its first line (`asyncio.timeout`, `current_task()` and
+    cancellation need one), started eagerly as Python 3.12's `eager_start` does: one that
+    answers without waiting answers in this pass, in the write of the read it came from.
+    """
+    handler_context = contextvars.copy_context()
+    try:
+        result = handler_context.run(handler, arguments, context)
+    except Exception as exc:  # a handler failure is the dispatch's failure, not ours
+        answer("send_error", *handler_outcome(exc))
+        return None
+    if not inspect.isawaitable(result):
+        answer("send_result", result)
+        return None
+    loop = asyncio.get_running_loop()
+    runner = finish_handler(result, answer)
+    if sys.version_info >= (3, 12):
+        task = asyncio.Task(runner, loop=loop, context=handler_context, eager_start=True)
+    elif asyncio.current_task(loop) is not None:  # one task may not step another
+        task = loop.create_task(runner, context=handler_context)
+    else:
+        eager = _EagerStart(runner)
+        task = loop.create_task(eager, context=handler_context)
+        handler_context.run(eager.first_step, loop, task)
+        if eager.finished:
+            return None
+    return None if task.done() else task
 
 
-async def _resume(started: Coroutine[Any, Any, None], awaiting: Any) -> None:
-    """The rest of a coroutine started eagerly, now waiting on `awaiting`."""
-    await _Continue(started, awaiting)
+class _EagerStart(collections.abc.Coroutine[Any, Any, None]):
+    """Python 3.11's stand-in for 3.12's `eager_start`: the task's first step is run at once,
+    by `first_step` with the task as the current one; the task then takes what that step
+    awaits (or its end) as its own first step, and drives the coroutine from there."""
+
+    __slots__ = ("_coroutine", "_first", "_outcome", "finished")
+
+    def __init__(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        self._coroutine, self._first, self.finished = coroutine, True, False
+        self._outcome: Any = None  # what the first step awaits, or the exception it raised
+
+    def first_step(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
+        asyncio.tasks._enter_task(loop, task)
+        try:
+            self._outcome = self._coroutine.send(None)
+        except StopIteration:
+            self.finished = True
+        except BaseException as exc:  # the task raises it, as its own step would
+            self._outcome = exc
+        finally:
+            asyncio.tasks._leave_task(loop, task)
+
+    def send(self, value: Any) -> Any:
+        if self._first:
+            self._first = False
+            if self.finished:
+                raise StopIteration
+            if isinstance(self._outcome, BaseException):
+                raise self._outcome
+            return self._outcome
+        return self._coroutine.send(value)
+
+    def throw(self, *exc: Any) -> Any:  # a cancellation: to the coroutine, unless it ended
+        self._first = False
+        if self.finished:
+            raise StopIteration
+        return self._coroutine.throw(*exc)
+
+    def close(self) -> None:
+        self._coroutine.close()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        raise TypeError("driven by its task only")
 
 
-class _Continue:
-    """Hands a started coroutine's pending awaitable to the task, then the task's sends and
-    throws (a cancellation) back to the coroutine, as `await` would have from the start."""
-
-    __slots__ = ("_awaiting", "_coroutine")
-
-    def __init__(self, coroutine: Coroutine[Any, Any, None], awaiting: Any) -> None:
-        self._coroutine, self._awaiting = coroutine, awaiting
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coroutine, awaiting = self._coroutine, self._awaiting
-        step: Callable[[Any], Any]
-        while True:
-            try:
-                sent = yield awaiting
-            except GeneratorExit:
-                coroutine.close()
-                raise
-            except BaseException as exc:
-                step, value = coroutine.throw, exc
-            else:
-                step, value = coroutine.send, sent
-            try:
-                awaiting = step(value)
-            except StopIteration:
-                return
+async def finish_handler(awaitable: Awaitable[Any], answer: Callable[..., None]) -> None:
+    """The rest of a coroutine handler, in its task: its outcome becomes the answer."""
+    try:
+        result = await awaitable
+    except asyncio.CancelledError:
+        answer("send_cancelled")
+    except Exception as exc:  # a handler failure is the dispatch's failure, not ours
+        answer("send_error", *handler_outcome(exc))
+    else:
+        answer("send_result", result)
 
 
 class Agent(AgentBase[_Link, Awaitable[str]]):
@@ -354,32 +407,13 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
 
     def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                        context: DispatchContext) -> None:
-        """Start the handler at once, as Python 3.12's eager tasks do: one that answers
-        without waiting answers in this callback, with no task and no extra loop pass.
-        Only a handler that waits gets a task, which goes on from where it stopped."""
-        runner = self._run_handler(handler, event, context)
-        handler_context = contextvars.copy_context()  # what a task would have had
-        try:
-            awaiting = handler_context.run(runner.send, None)
-        except StopIteration:
-            return
-        self._handlers[event.dispatch_id] = asyncio.get_running_loop().create_task(
-            _resume(runner, awaiting), context=handler_context)
-
-    async def _run_handler(self, handler: Callable[..., Any], event: DispatchReceived,
-                           context: Any) -> None:
         self.handler_runs += 1
-        try:
-            result = await _sync_or_async(handler(event.arguments, context))
-        except asyncio.CancelledError:
-            self._answer(event.dispatch_id, "send_cancelled")
-        except Exception as exc:  # a handler failure is the dispatch's failure, not ours
-            code, message, detail = handler_outcome(exc)
-            self._answer(event.dispatch_id, "send_error", code, message, detail)
-        else:
-            self._answer(event.dispatch_id, "send_result", result)
-        finally:
-            self._handlers.pop(event.dispatch_id, None)
+        dispatch_id = event.dispatch_id
+        task = start_handler(handler, event.arguments, context,
+                             functools.partial(self._answer, dispatch_id))
+        if task is not None:
+            self._handlers[dispatch_id] = task
+            task.add_done_callback(lambda _: self._handlers.pop(dispatch_id, None))
 
     async def connections(self) -> AsyncIterator[AgentConnection]:
         """Yield each established connection; reconnect with the core's backoff and retry rules."""

@@ -1,8 +1,9 @@
-"""The asyncio adapter starts handlers eagerly; they must still behave as task-run handlers.
+"""The asyncio adapter runs a plain-function handler at once; every handler behaves as a task's.
 
-Real TLS from trustme on 127.0.0.1. What a user relies on: a handler that answers at once
-needs no task; one that waits is still a task (cancellable by the dispatch's deadline); each
-handler has its own copy of the context, as a task would.
+Real TLS from trustme on 127.0.0.1. What a user relies on: a plain function answers with no
+task; a coroutine handler runs in a task from its first line (`asyncio.timeout` and
+`current_task()` work there, the dispatch's deadline cancels it); each handler has its own
+copy of the context, as a task would.
 """
 
 from __future__ import annotations
@@ -65,10 +66,10 @@ async def mesh_and_agent(**handlers: Any) -> AsyncIterator[tuple[MeshServer, Age
         await server.close(grace=0)
 
 
-def test_a_handler_that_does_not_wait_runs_without_a_task() -> None:
+def test_a_plain_function_handler_runs_without_a_task() -> None:
     tasks: list[asyncio.Task[Any] | None] = []
 
-    async def at_once(arguments: Any, context: Any) -> Any:
+    def at_once(arguments: Any, context: Any) -> Any:
         tasks.append(asyncio.current_task())
         return arguments
 
@@ -79,6 +80,28 @@ def test_a_handler_that_does_not_wait_runs_without_a_task() -> None:
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
     assert tasks == [None]
+
+
+def test_a_coroutine_handler_is_in_a_task_from_its_first_line() -> None:
+    """`async with asyncio.timeout(...)` first thing: it needs a task at once."""
+    tasks: list[asyncio.Task[Any] | None] = []
+
+    async def bounded(arguments: Any, context: Any) -> Any:
+        tasks.append(asyncio.current_task())
+        async with asyncio.timeout(arguments["seconds"]):
+            await asyncio.sleep(arguments["sleep"])
+            return "in time"
+
+    async def scenario() -> None:
+        async with mesh_and_agent(bounded=bounded) as (server, agent):
+            assert await server.dispatch(
+                INSTANCE, "bounded", {"seconds": 5, "sleep": 0}) == "in time"
+            with pytest.raises(DispatchError, match="TimeoutError"):
+                await server.dispatch(INSTANCE, "bounded", {"seconds": 0.01, "sleep": 60})
+            assert agent._handlers == {}
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert len(tasks) == 2 and None not in tasks
 
 
 def test_a_handler_that_waits_goes_on_in_a_task_and_its_deadline_cancels_it() -> None:
@@ -125,3 +148,57 @@ def test_each_handler_has_its_own_context() -> None:
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [
         ["unset", "r0"], ["unset", "r1"], ["unset", "r2"]]
     assert REQUEST.get() == "unset"
+
+
+def test_a_coroutine_handler_cancelled_before_its_task_first_ran_answers_cancelled() -> None:
+    """Started eagerly from a loop callback, then cancelled in the same pass."""
+    from svantic_adapters.asyncio import start_handler
+
+    started: list[asyncio.Task[Any] | None] = []
+
+    async def waits(arguments: Any, context: Any) -> Any:
+        started.append(asyncio.current_task())
+        await asyncio.sleep(60)
+
+    async def scenario() -> list[tuple[Any, ...]]:
+        answers: list[tuple[Any, ...]] = []
+        loop = asyncio.get_running_loop()
+        begun: asyncio.Future[asyncio.Task[None] | None] = loop.create_future()
+
+        def from_a_callback() -> None:  # as the read callback does: no task is current
+            task = start_handler(waits, {}, None, lambda *answer: answers.append(answer))
+            assert task is not None
+            task.cancel()
+            begun.set_result(task)
+
+        loop.call_soon(from_a_callback)
+        task = await begun
+        assert task is not None and started == [task]
+        await asyncio.wait([task], timeout=5)
+        return answers
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [("send_cancelled",)]
+
+
+def test_a_coroutine_handler_that_answers_at_once_answers_before_start_handler_returns() -> None:
+    """Eagerly, in its task: the answer joins the write of the read it came from."""
+    from svantic_adapters.asyncio import start_handler
+
+    async def at_once(arguments: Any, context: Any) -> Any:
+        return [arguments, asyncio.current_task() is not None]
+
+    async def scenario() -> tuple[Any, list[tuple[Any, ...]]]:
+        answers: list[tuple[Any, ...]] = []
+        loop = asyncio.get_running_loop()
+        returned: asyncio.Future[Any] = loop.create_future()
+
+        def from_a_callback() -> None:
+            task = start_handler(at_once, {"n": 1}, None, lambda *answer: answers.append(answer))
+            returned.set_result((task, list(answers)))
+
+        loop.call_soon(from_a_callback)
+        return await returned, answers
+
+    (task, answers_then), answers = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert task is None
+    assert answers_then == answers == [("send_result", [{"n": 1}, True])]
