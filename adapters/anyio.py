@@ -4,11 +4,19 @@ The same public shape as `svantic_adapters.asyncio`. Every protocol decision is
 the core's; this module reads and writes bytes, keeps one timer per connection
 at the core's `next_deadline()` (a task asleep in a cancel scope whose deadline
 moves: no polling), and runs handlers in task groups.
+
+On the asyncio backend, connections use the asyncio adapter's transport instead of
+anyio's streams (a protocol with TLS over `ssl.MemoryBIO`s: no reader or writer task, no
+stream layers), and handlers run as the asyncio adapter runs them: each in a task of its
+own, which the agent cancels when it stops. Cancel scopes, `anyio.sleep` and the rest
+work in them as in any task on that backend.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import math
@@ -30,6 +38,7 @@ from svantic_proto.events import (
     SessionStarted,
 )
 
+from . import asyncio as asyncio_adapter
 from ._pump import Pump
 from ._runtime import (
     AgentBase,
@@ -41,6 +50,7 @@ from ._runtime import (
     Outcome,
     handler_outcome,
 )
+from ._tls import TlsSession
 
 __all__ = ["Agent", "AgentLink", "DispatchContext", "DispatchError", "HandlerError", "MeshServer",
            "connect"]
@@ -193,7 +203,41 @@ class _Link:
             self.done.set()
 
 
-class Agent(AgentBase[_Link, Awaitable[str]]):
+def _backend() -> tuple[bool, Callable[[], float], Callable[[], anyio.Event]]:
+    """On asyncio or not, and the backend's clock and event factory, looked up once: anyio's
+    own functions look the backend up per call, which fails in protocol callbacks."""
+    token = anyio.lowlevel.current_token()
+    loop = token.native_token
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return True, loop.time, token.backend_class.create_event
+    return False, token.backend_class.current_time, token.backend_class.create_event
+
+
+class _ProtocolLink(asyncio_adapter._Link):
+    """On the asyncio backend: the asyncio adapter's transport, with the names `_Link` has."""
+
+    __slots__ = ("settled",)
+    new_event = staticmethod(asyncio.Event)
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.settled = asyncio.Event()
+
+    def now(self) -> float:
+        return self.loop.time()
+
+    async def run(self) -> None:
+        await self.done.wait()
+
+    def _end(self) -> None:
+        super()._end()
+        self.settled.set()
+
+
+AnyLink = _Link | _ProtocolLink
+
+
+class Agent(AgentBase[AnyLink, Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
     `async with connect(...) as agent` returns once the first welcome is seen and
@@ -206,34 +250,52 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
     up, replaced by a fresh one when it ends: read the attribute when you wait.
     """
 
-    _clock = staticmethod(anyio.current_time)
-
     def _init_adapter(self) -> None:
+        self._now: Callable[[], float] = anyio.current_time  # until it runs: then _backend()'s
+        self._new_event: Callable[[], anyio.Event] = anyio.Event
         self._stop_requested = anyio.Event()
         self._dial_scope = anyio.CancelScope()
         self._group: TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._finished: anyio.Event | None = None
         self._error: Exception | None = None
+        self._native = False  # on the asyncio backend: its transport and handler tasks
         self.ready = anyio.Event()
         self.last_started: SessionStarted | None = None
 
-    async def _connect_once(self) -> _Link | None:
+    async def _connect_once(self) -> AnyLink | None:
         stream: ByteStream | None = None
+        native: _ProtocolLink | None = None
         with anyio.CancelScope() as self._dial_scope, anyio.fail_after(self.config.hello_timeout):
-            if self._ssl is None:
+            if self._native:
+                native = await self._dial_native()
+            elif self._ssl is None:
                 stream = await anyio.connect_tcp(self._host, self._port)
             else:  # TLS close without close_notify: a closing read would race the reader task
                 stream = await anyio.connect_tcp(self._host, self._port, ssl_context=self._ssl,
                                                  tls_hostname=self._host,
                                                  tls_standard_compatible=False)
-        if stream is None or self._stopping:  # stop() cancelled the dial
-            return None
+        if native is not None and self._stopping:
+            native.abort()
+        if native is not None or stream is None or self._stopping:  # None: stop() cancelled it
+            return None if self._stopping else native
         conn = self._new_connection()
         self.last_closed = None
         self.link = link = _Link(conn, stream, self._on_event, self.config.close_timeout)
         link.service()
         return link
+
+    async def _dial_native(self) -> _ProtocolLink:
+        def attach(link: _ProtocolLink) -> None:
+            conn = self._new_connection()
+            self.last_closed = None
+            self.link = link
+            link.attach(conn, self._on_event)
+
+        tls = (TlsSession(self._ssl, server_side=False, server_hostname=self._host)
+               if self._ssl is not None else None)
+        return await asyncio_adapter.dial(lambda on_open: _ProtocolLink(tls, self.config, on_open),
+                                          self._host, self._port, self.config.hello_timeout, attach)
 
     def _session_started(self, event: SessionStarted) -> None:
         self.last_started = event
@@ -243,13 +305,19 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
 
     def _connection_closed(self, event: ConnectionClosed) -> None:
         if self.ready.is_set():
-            self.ready = anyio.Event()
+            self.ready = self._new_event()
+
+    def _clock(self) -> float:
+        return self._now()
 
     def _handler_unavailable(self) -> str | None:
         return "the agent is not running" if self._group is None else None
 
     def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                        context: DispatchContext) -> None:
+        if self._native:
+            asyncio_adapter.spawn_handler(self, handler, event, context)
+            return
         scope = cast(_Link, self.link).new_scope()  # made now: a cancel before its start counts
         self._handlers[event.dispatch_id] = scope
         group = cast(TaskGroup, self._group)  # `_handler_unavailable()` saw it set
@@ -280,6 +348,7 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
     async def _task_group(self) -> AsyncIterator[TaskGroup]:
         if self._group is not None:
             raise LocalProtocolError("this agent is already running")
+        self._native, self._now, self._new_event = _backend()
         async with anyio.create_task_group() as group:
             self._group = group
             try:
@@ -287,6 +356,8 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
             finally:
                 self._group = None
                 group.cancel_scope.cancel()  # handlers outliving stop() end with the agent
+                for running in list(self._handlers.values()):
+                    running.cancel()  # those in tasks of their own (asyncio backend) too
 
     async def _dial(self, group: TaskGroup) -> AsyncIterator[AgentConnection]:
         """The reconnect loop, with the core's backoff and retry decisions (spec 5)."""
@@ -374,7 +445,7 @@ def connect(url: str, **options: Any) -> Agent:
     return Agent(url, **options)
 
 
-class AgentLink(AgentLinkBase["MeshServer", _Link]):
+class AgentLink(AgentLinkBase["MeshServer", AnyLink]):
     """The mesh's handle on one connected agent: send dispatches, await their outcome."""
 
     async def wait_closed(self) -> None:
@@ -398,7 +469,7 @@ class AgentLink(AgentLinkBase["MeshServer", _Link]):
         return outcome.result()
 
 
-class MeshServer(MeshBase[AgentLink, _Link]):
+class MeshServer(MeshBase[AgentLink, AnyLink]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
     `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
@@ -408,15 +479,16 @@ class MeshServer(MeshBase[AgentLink, _Link]):
     call `close()` in the same task and block as `start()`.
     """
 
-    _clock = staticmethod(anyio.current_time)
-
     def _init_adapter(self) -> None:
+        self._now: Callable[[], float] = anyio.current_time  # until it starts: then _backend()'s
+        self._new_event: Callable[[], anyio.Event] = anyio.Event
         self._arrival = anyio.Event()
         self._store_timer = _Timer(self._expire_store)
         self._stack: contextlib.AsyncExitStack | None = None
         self._group: TaskGroup | None = None
         self._entered = self._started = self._closed = False
         self._accepting = anyio.CancelScope()
+        self._server: asyncio.Server | None = None  # on the asyncio backend
 
     async def _open_group(self) -> TaskGroup:
         self._stack = contextlib.AsyncExitStack()
@@ -443,6 +515,9 @@ class MeshServer(MeshBase[AgentLink, _Link]):
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         if self._started:
             raise LocalProtocolError("a MeshServer starts once")
+        native, self._now, self._new_event = _backend()
+        if native:
+            return await self._start_native(host, port)
         tcp = await anyio.create_tcp_listener(local_host=host, local_port=port,
                                               backlog=self.backlog)
         listener: Listener[Any] = tcp if self._ssl is None else TLSListener(
@@ -453,6 +528,20 @@ class MeshServer(MeshBase[AgentLink, _Link]):
         group.start_soon(self._store_timer.run)
         address = tcp.extra(SocketAttribute.local_address)
         return str(address[0]), tcp.extra(SocketAttribute.local_port)
+
+    async def _start_native(self, host: str, port: int) -> tuple[str, int]:
+        self._server = await asyncio.get_running_loop().create_server(
+            self._new_native_link, host, port, backlog=self.backlog)
+        group = self._group or await self._open_group()
+        self._started = True
+        group.start_soon(self._store_timer.run)
+        address = self._server.sockets[0].getsockname()
+        return address[0], address[1]
+
+    def _new_native_link(self) -> _ProtocolLink:
+        tls = TlsSession(self._ssl, server_side=True) if self._ssl is not None else None
+        return _ProtocolLink(tls, self.config, functools.partial(asyncio_adapter.accept_link, self),
+                             self.links.discard)
 
     async def _accept(self, listener: Listener[Any], group: TaskGroup) -> None:
         with self._accepting:
@@ -486,11 +575,14 @@ class MeshServer(MeshBase[AgentLink, _Link]):
         finally:
             self.links.discard(link)
 
-    def _new_agent_link(self, link: _Link) -> AgentLink:
+    def _clock(self) -> float:
+        return self._now()
+
+    def _new_agent_link(self, link: AnyLink) -> AgentLink:
         return AgentLink(self, link)
 
     def _agent_arrived(self) -> None:
-        arrived, self._arrival = self._arrival, anyio.Event()
+        arrived, self._arrival = self._arrival, self._new_event()
         arrived.set()
 
     def _arm_store_timer(self) -> None:
@@ -502,6 +594,8 @@ class MeshServer(MeshBase[AgentLink, _Link]):
             return
         self._closed = True
         self._accepting.cancel()
+        if self._server is not None:
+            self._server.close()
         grace = self._request_close_all(grace)
         with anyio.move_on_after(grace + self.config.close_timeout):
             for link in list(self.links):

@@ -262,6 +262,41 @@ class _Link(asyncio.Protocol):
                 self._on_done(self)
 
 
+LinkT = TypeVar("LinkT", bound=_Link)
+
+
+async def dial(new_link: Callable[[OpenCallback], LinkT], host: str, port: int, timeout: float,
+               attach: Callable[[LinkT], None]) -> LinkT:
+    """Connect, wait until the transport is ready (TLS done), `attach` a core connection and
+    service it, all within `timeout`. Raises TimeoutError, OSError, or what `attach` raised."""
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future[LinkT] = loop.create_future()
+
+    def on_open(link: Any, error: BaseException | None) -> None:
+        if opened.done():  # the dial timed out meanwhile: it drops the transport
+            return
+        if error is None:
+            try:
+                attach(link)
+            except Exception as exc:  # raised to the caller
+                error = exc
+        if error is not None:
+            opened.set_exception(error)
+            return
+        opened.set_result(link)
+        link.service()
+
+    transport: asyncio.BaseTransport | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            transport, _ = await loop.create_connection(lambda: new_link(on_open), host, port)
+            return await opened
+    except BaseException:
+        if transport is not None:
+            cast(asyncio.Transport, transport).abort()
+        raise
+
+
 def start_handler(handler: Callable[..., Any], arguments: Any, context: Any,
                   answer: Callable[..., None]) -> asyncio.Task[None] | None:
     """Run a handler as a task would, in its own copy of the context; returns the task while
@@ -353,6 +388,30 @@ async def finish_handler(awaitable: Awaitable[Any], answer: Callable[..., None])
         answer("send_result", result)
 
 
+def spawn_handler(agent: AgentBase[Any, Any], handler: Callable[..., Any],
+                  event: DispatchReceived, context: DispatchContext) -> None:
+    """`start_handler` for an agent: its task, while it runs, is the agent's to cancel."""
+    agent.handler_runs += 1
+    dispatch_id = event.dispatch_id
+    task = start_handler(handler, event.arguments, context,
+                         functools.partial(agent._answer, dispatch_id))
+    if task is not None:
+        agent._handlers[dispatch_id] = task
+        task.add_done_callback(lambda _: agent._handlers.pop(dispatch_id, None))
+
+
+def accept_link(server: MeshBase[Any, Any], link: _Link, error: BaseException | None) -> None:
+    """A transport is ready (TLS done): give it a core connection, unless over the cap.
+    A failed TLS handshake never reaches the core."""
+    if error is not None:
+        return
+    if len(server.links) >= server.max_connections:
+        link.abort()
+        return
+    server._open_link(link.attach)
+    link.service()
+
+
 class Agent(AgentBase[_Link, Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
@@ -370,50 +429,22 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
     async def _connect_once(self) -> _Link:
         """Dial, TLS handshake (`wss://`, spec 1), then a fresh core connection: within
         `hello_timeout`. Raises TimeoutError or OSError (`TlsError` is one)."""
-        loop = asyncio.get_running_loop()
-        opened: asyncio.Future[_Link] = loop.create_future()
-
-        def on_open(link: _Link, error: BaseException | None) -> None:
-            if opened.done():  # the dial timed out meanwhile: it drops the transport
-                return
-            if error is None:
-                try:
-                    conn = self._new_connection()
-                except Exception as exc:  # raised to the caller, as before
-                    error = exc
-            if error is not None:
-                opened.set_exception(error)
-                return
+        def attach(link: _Link) -> None:
+            conn = self._new_connection()
             self.ready.clear()
             self.link = link.attach(conn, self._on_event)
-            opened.set_result(link)
-            link.service()
 
         tls = (TlsSession(self._ssl, server_side=False, server_hostname=self._host)
                if self._ssl is not None else None)
-        transport: asyncio.BaseTransport | None = None
-        try:
-            async with asyncio.timeout(self.config.hello_timeout):
-                transport, _ = await loop.create_connection(
-                    lambda: _Link(tls, self.config, on_open), self._host, self._port)
-                return await opened
-        except BaseException:
-            if transport is not None:
-                cast(asyncio.Transport, transport).abort()
-            raise
+        return await dial(lambda on_open: _Link(tls, self.config, on_open), self._host,
+                          self._port, self.config.hello_timeout, attach)
 
     def _session_started(self, event: SessionStarted) -> None:
         self.ready.set()
 
     def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                        context: DispatchContext) -> None:
-        self.handler_runs += 1
-        dispatch_id = event.dispatch_id
-        task = start_handler(handler, event.arguments, context,
-                             functools.partial(self._answer, dispatch_id))
-        if task is not None:
-            self._handlers[dispatch_id] = task
-            task.add_done_callback(lambda _: self._handlers.pop(dispatch_id, None))
+        spawn_handler(self, handler, event, context)
 
     async def connections(self) -> AsyncIterator[AgentConnection]:
         """Yield each established connection; reconnect with the core's backoff and retry rules."""
@@ -505,7 +536,7 @@ class MeshServer(MeshBase[AgentLink, _Link]):
         self._server: asyncio.Server | None = None
         self._store_timer: asyncio.TimerHandle | None = None
         self._notify_task: asyncio.Future[None] | None = None
-        self._link_callbacks = (self._accepted, self.links.discard)  # bound once, shared
+        self._link_callbacks = (functools.partial(accept_link, self), self.links.discard)
 
     def _clock(self) -> float:
         return asyncio.get_running_loop().time()
@@ -531,17 +562,6 @@ class MeshServer(MeshBase[AgentLink, _Link]):
     def _new_link(self) -> _Link:
         tls = TlsSession(self._ssl, server_side=True) if self._ssl is not None else None
         return _Link(tls, self.config, *self._link_callbacks)
-
-    def _accepted(self, link: _Link, error: BaseException | None) -> None:
-        """A transport is ready (TLS done): give it a core connection, unless over the cap.
-        A failed TLS handshake never reaches the core."""
-        if error is not None:
-            return
-        if len(self.links) >= self.max_connections:
-            link.abort()
-            return
-        self._open_link(link.attach)
-        link.service()
 
     def _new_agent_link(self, link: _Link) -> AgentLink:
         return AgentLink(self, link)
