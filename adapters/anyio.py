@@ -5,10 +5,10 @@ the core's; this module reads and writes bytes, keeps one timer per connection
 at the core's `next_deadline()` (a task asleep in a cancel scope whose deadline
 moves: no polling), and runs handlers in task groups.
 
-On the asyncio backend, connections use the asyncio adapter's transport instead of
-anyio's streams (a protocol with TLS over `ssl.MemoryBIO`s: no reader or writer task, no
-stream layers), and handlers run as the asyncio adapter runs them: each in a task of its
-own, which the agent cancels when it stops. Cancel scopes, `anyio.sleep` and the rest
+On the asyncio backend, connections use the asyncio adapter's transport (`_protocol.py`:
+a protocol with TLS over `ssl.MemoryBIO`s, no reader or writer task, no stream layers)
+instead of anyio's streams, and handlers run as the asyncio adapter runs them: each in a
+task of its own, which the agent cancels when it stops. Cancel scopes, `anyio.sleep` and the rest
 work in them as in any task on that backend.
 """
 
@@ -38,7 +38,7 @@ from svantic_proto.events import (
     SessionStarted,
 )
 
-from . import asyncio as asyncio_adapter
+from . import _protocol
 from ._pump import Pump
 from ._runtime import (
     AgentBase,
@@ -213,7 +213,7 @@ def _backend() -> tuple[bool, Callable[[], float], Callable[[], anyio.Event]]:
     return False, token.backend_class.current_time, token.backend_class.create_event
 
 
-class _ProtocolLink(asyncio_adapter._Link):
+class _AsyncioLink(_protocol.ProtocolLink):
     """On the asyncio backend: the asyncio adapter's transport, with the names `_Link` has."""
 
     __slots__ = ("settled",)
@@ -234,7 +234,7 @@ class _ProtocolLink(asyncio_adapter._Link):
         self.settled.set()
 
 
-AnyLink = _Link | _ProtocolLink
+AnyLink = _Link | _AsyncioLink
 
 
 class Agent(AgentBase[AnyLink, Awaitable[str]]):
@@ -265,7 +265,7 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
 
     async def _connect_once(self) -> AnyLink | None:
         stream: ByteStream | None = None
-        native: _ProtocolLink | None = None
+        native: _AsyncioLink | None = None
         with anyio.CancelScope() as self._dial_scope, anyio.fail_after(self.config.hello_timeout):
             if self._native:
                 native = await self._dial_native()
@@ -285,8 +285,8 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
         link.service()
         return link
 
-    async def _dial_native(self) -> _ProtocolLink:
-        def attach(link: _ProtocolLink) -> None:
+    async def _dial_native(self) -> _AsyncioLink:
+        def attach(link: _AsyncioLink) -> None:
             conn = self._new_connection()
             self.last_closed = None
             self.link = link
@@ -294,7 +294,7 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
 
         tls = (TlsSession(self._ssl, server_side=False, server_hostname=self._host)
                if self._ssl is not None else None)
-        return await asyncio_adapter.dial(lambda on_open: _ProtocolLink(tls, self.config, on_open),
+        return await _protocol.dial(lambda on_open: _AsyncioLink(tls, self.config, on_open),
                                           self._host, self._port, self.config.hello_timeout, attach)
 
     def _session_started(self, event: SessionStarted) -> None:
@@ -316,7 +316,7 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
     def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                        context: DispatchContext) -> None:
         if self._native:
-            asyncio_adapter.spawn_handler(self, handler, event, context)
+            _protocol.spawn_handler(self, handler, event, context)
             return
         scope = cast(_Link, self.link).new_scope()  # made now: a cancel before its start counts
         self._handlers[event.dispatch_id] = scope
@@ -538,9 +538,9 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]
 
-    def _new_native_link(self) -> _ProtocolLink:
+    def _new_native_link(self) -> _AsyncioLink:
         tls = TlsSession(self._ssl, server_side=True) if self._ssl is not None else None
-        return _ProtocolLink(tls, self.config, functools.partial(asyncio_adapter.accept_link, self),
+        return _AsyncioLink(tls, self.config, functools.partial(_protocol.accept_link, self),
                              self.links.discard)
 
     async def _accept(self, listener: Listener[Any], group: TaskGroup) -> None:

@@ -1,26 +1,22 @@
 """svantic.v1 over plain asyncio (standard library only): an agent client and a mesh server.
 
-Every protocol decision is the core's; this module reads and writes bytes,
-keeps one timer per connection at the core's deadline, and runs handlers.
+Every protocol decision is the core's; the transport (`_protocol.py`, shared with the
+anyio adapter on the asyncio backend) reads and writes bytes, keeps one timer per
+connection at the core's deadline, and starts handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections.abc
 import contextlib
-import contextvars
 import functools
-import inspect
-import logging
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator, Mapping
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
 
-from svantic_proto import AgentConnection, Config, RetryDecision
-from svantic_proto.events import DispatchReceived, Event, SessionStarted
+from svantic_proto import AgentConnection, RetryDecision
+from svantic_proto.events import DispatchReceived, SessionStarted
 
-from ._pump import Pump
+from ._protocol import WRITE_BUFFER_LIMIT, ProtocolLink, accept_link, dial, spawn_handler
 from ._runtime import (
     AgentBase,
     AgentLinkBase,
@@ -28,11 +24,11 @@ from ._runtime import (
     DispatchError,
     HandlerError,
     MeshBase,
-    handler_outcome,
 )
-from ._tls import TlsError, TlsSession
+from ._tls import TlsSession
 
 __all__ = [
+    "WRITE_BUFFER_LIMIT",
     "Agent",
     "AgentLink",
     "DispatchContext",
@@ -42,377 +38,8 @@ __all__ = [
     "connect",
 ]
 
-WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
-"""Bytes queued for a peer that does not read before we give up on it (slow reader)."""
 
-log = logging.getLogger(__name__)
-T = TypeVar("T")
-OpenCallback = Callable[["_Link", BaseException | None], None]
-"""Told once the transport is ready (TLS handshake done), or why it never will be."""
-
-
-def _ignore(*_: object) -> None:
-    pass
-
-
-_UNATTACHED = Pump(None, on_event=_ignore, write=_ignore, close=_ignore, arm_timer=_ignore)
-_UNATTACHED.closed = True  # the pump of a link with no core connection (yet): takes nothing
-
-
-class _Link(asyncio.Protocol):
-    """One TCP transport, TLS over it when configured, and one core connection.
-
-    A protocol, not streams and a reader task: bytes go from `data_received` straight into
-    the core's pump, and each pump pass is one `transport.write`. TLS is `_tls.TlsSession`
-    over the plain transport (asyncio's TLS transport keeps 256 KiB per connection). The
-    core connection is attached once the transport is ready: `on_open` does it, as the
-    streams' callbacks did after the TLS handshake. `done` is set when the link ended:
-    the core closed it or the transport was lost.
-    """
-
-    __slots__ = ("_config", "_done", "_ended", "_on_done", "_on_open", "_timer", "_tls",
-                 "_writable", "loop", "pump", "transport")
-
-    def __init__(self, tls: TlsSession | None, config: Config, on_open: OpenCallback,
-                 on_done: Callable[[_Link], None] | None = None) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.pump = _UNATTACHED
-        self.transport: asyncio.Transport | None = None
-        self._tls, self._config, self._on_done = tls, config, on_done
-        self._on_open: OpenCallback | None = on_open  # dropped once open
-        self._timer: asyncio.TimerHandle | None = None
-        self._done: asyncio.Event | None = None  # made when first awaited: idle links need none
-        self._writable: asyncio.Future[None] | None = None  # while the transport is paused
-        self._ended = False
-
-    # -- the link's own API --------------------------------------------------------------
-
-    @property
-    def done(self) -> asyncio.Event:
-        """Set once the link has ended."""
-        if self._done is None:
-            self._done = asyncio.Event()
-            if self._ended:
-                self._done.set()
-        return self._done
-
-    def attach(self, conn: Any, on_event: Callable[[Event], None]) -> _Link:
-        """Drive `conn` from this transport (call `service()` next)."""
-        self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
-                         arm_timer=self._arm)
-        return self
-
-    def service(self) -> None:
-        self.pump.service()
-
-    def abort(self) -> None:
-        """Drop TCP at once, without a close frame, as a network fault would."""
-        if self.transport is not None:
-            self.transport.abort()
-
-    @property
-    def paused(self) -> bool:
-        """The transport asked us to stop writing (its buffer is over the high-water mark)."""
-        return self._writable is not None
-
-    async def drain(self, limit: int) -> None:
-        """Over `limit` bytes queued, wait until the transport is below its low-water mark."""
-        transport, writable = self.transport, self._writable
-        if (writable is not None and transport is not None
-                and transport.get_write_buffer_size() > limit):
-            await asyncio.shield(writable)  # shared by every caller: not cancelled by one
-
-    # -- asyncio.Protocol ----------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        if self._tls is None:
-            self._opened()
-        else:  # spec 4: a peer that never finishes the TLS handshake is dropped
-            self._timer = self.loop.call_later(self._config.hello_timeout, self._fail,
-                                               TimeoutError("TLS handshake timed out"))
-            self._tls_step(self._tls.start)
-
-    def data_received(self, data: bytes) -> None:
-        tls = self._tls
-        if tls is not None:
-            plaintext = None if tls.closed else self._tls_step(tls.receive_data, data)
-            if plaintext is None:
-                return
-            data = plaintext
-            if self._on_open is not None:
-                if not tls.handshake_complete:
-                    return
-                self._opened()
-        if data and not self.pump.closed:
-            self.pump.feed(data, self.loop.time())
-        if tls is not None and tls.peer_closed:  # close_notify: EOF, then ours back
-            self.eof_received()
-            self._close()
-
-    def eof_received(self) -> bool:
-        tls = self._tls
-        if tls is not None and not (tls.peer_closed or tls.failed):
-            self._tls_step(tls.receive_eof)  # a TlsError during the handshake
-        if not self.pump.closed:
-            self.pump.eof(self.loop.time())
-        return False  # close our side too (after what is queued), as the streams did
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_timer()
-        self._tls = None  # OpenSSL's state goes now, not when the last reference does
-        if self._on_open is not None:
-            self._fail(exc or ConnectionResetError("connection closed before it was ready"))
-        if not self.pump.closed:
-            self.pump.eof(self.loop.time())
-        self._end()
-        self.resume_writing()
-
-    def pause_writing(self) -> None:
-        self._writable = self.loop.create_future()
-
-    def resume_writing(self) -> None:
-        writable, self._writable = self._writable, None
-        if writable is not None and not writable.done():
-            writable.set_result(None)
-
-    # -- inside --------------------------------------------------------------------------
-
-    def _opened(self) -> None:
-        self._cancel_timer()
-        on_open, self._on_open = self._on_open, None
-        if on_open is not None:
-            on_open(self, None)
-
-    def _fail(self, error: BaseException) -> None:
-        """The transport never became ready (TLS refused, handshake timeout), or TLS broke:
-        after a `TlsError` close once OpenSSL's alert is out, else drop at once."""
-        log.debug("dropping the connection: %s", error)
-        on_open, self._on_open = self._on_open, None
-        if on_open is not None:
-            on_open(self, error)
-        if isinstance(error, TlsError) and self.transport is not None:
-            self.transport.close()
-        else:
-            self.abort()
-
-    def _tls_step(self, step: Callable[..., T], *args: Any) -> T | None:
-        """One TLS call, then write the ciphertext it produced; None after a `TlsError`."""
-        tls = cast(TlsSession, self._tls)
-        result: T | None = None
-        failure = None
-        try:
-            result = step(*args)
-        except TlsError as exc:
-            failure = exc
-        ciphertext = tls.data_to_send()  # after a failure: the alert that says why
-        if ciphertext:
-            cast(asyncio.Transport, self.transport).write(ciphertext)
-        if failure is not None:
-            self._fail(failure)
-        return result
-
-    def _write(self, chunks: list[bytes]) -> None:
-        transport = cast(asyncio.Transport, self.transport)
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        tls = self._tls
-        if tls is None:
-            transport.write(data)  # one write per pump pass
-        elif not tls.close_sent:
-            tls.send(data)
-            transport.write(tls.data_to_send())
-        if transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
-            self.abort()  # the peer stopped reading: do not grow memory without limit
-
-    def _close(self) -> None:
-        """The core closed: TLS close_notify, then close TCP once the peer's came or after
-        `close_timeout` (spec 4: a dead peer is dropped, not awaited)."""
-        self._cancel_timer()
-        transport, tls = cast(asyncio.Transport, self.transport), self._tls
-        if tls is not None and not transport.is_closing():
-            self._tls_step(tls.close)
-        if tls is None or tls.closed:
-            transport.close()
-        elif not transport.is_closing():
-            self._timer = self.loop.call_later(self._config.close_timeout, self.abort)
-        self._end()
-
-    def _arm(self, deadline: float | None) -> None:
-        if self.pump.closed:
-            return  # the core is done; the timer now serves the TLS shutdown
-        self._cancel_timer()
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self.pump.timer(self.loop.time())
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _end(self) -> None:
-        if not self._ended:
-            self._ended = True
-            if self._done is not None:
-                self._done.set()
-            if self._on_done is not None:
-                self._on_done(self)
-
-
-LinkT = TypeVar("LinkT", bound=_Link)
-
-
-async def dial(new_link: Callable[[OpenCallback], LinkT], host: str, port: int, timeout: float,
-               attach: Callable[[LinkT], None]) -> LinkT:
-    """Connect, wait until the transport is ready (TLS done), `attach` a core connection and
-    service it, all within `timeout`. Raises TimeoutError, OSError, or what `attach` raised."""
-    loop = asyncio.get_running_loop()
-    opened: asyncio.Future[LinkT] = loop.create_future()
-
-    def on_open(link: Any, error: BaseException | None) -> None:
-        if opened.done():  # the dial timed out meanwhile: it drops the transport
-            return
-        if error is None:
-            try:
-                attach(link)
-            except Exception as exc:  # raised to the caller
-                error = exc
-        if error is not None:
-            opened.set_exception(error)
-            return
-        opened.set_result(link)
-        link.service()
-
-    transport: asyncio.BaseTransport | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(lambda: new_link(on_open), host, port)
-            return await opened
-    except BaseException:
-        if transport is not None:
-            cast(asyncio.Transport, transport).abort()
-        raise
-
-
-def start_handler(handler: Callable[..., Any], arguments: Any, context: Any,
-                  answer: Callable[..., None]) -> asyncio.Task[None] | None:
-    """Run a handler as a task would, in its own copy of the context; returns the task while
-    it runs.
-
-    A plain function is called here and answered at once: no task, no extra loop pass. A
-    coroutine runs in a task from its first line (`asyncio.timeout`, `current_task()` and
-    cancellation need one), started eagerly as Python 3.12's `eager_start` does: one that
-    answers without waiting answers in this pass, in the write of the read it came from.
-    """
-    handler_context = contextvars.copy_context()
-    try:
-        result = handler_context.run(handler, arguments, context)
-    except Exception as exc:  # a handler failure is the dispatch's failure, not ours
-        answer("send_error", *handler_outcome(exc))
-        return None
-    if not inspect.isawaitable(result):
-        answer("send_result", result)
-        return None
-    loop = asyncio.get_running_loop()
-    runner = finish_handler(result, answer)
-    if sys.version_info >= (3, 12):
-        task = asyncio.Task(runner, loop=loop, context=handler_context, eager_start=True)
-    elif asyncio.current_task(loop) is not None:  # one task may not step another
-        task = loop.create_task(runner, context=handler_context)
-    else:
-        eager = _EagerStart(runner)
-        task = loop.create_task(eager, context=handler_context)
-        handler_context.run(eager.first_step, loop, task)
-        if eager.finished:
-            return None
-    return None if task.done() else task
-
-
-class _EagerStart(collections.abc.Coroutine[Any, Any, None]):
-    """Python 3.11's stand-in for 3.12's `eager_start`: the task's first step is run at once,
-    by `first_step` with the task as the current one; the task then takes what that step
-    awaits (or its end) as its own first step, and drives the coroutine from there."""
-
-    __slots__ = ("_coroutine", "_first", "_outcome", "finished")
-
-    def __init__(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        self._coroutine, self._first, self.finished = coroutine, True, False
-        self._outcome: Any = None  # what the first step awaits, or the exception it raised
-
-    def first_step(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
-        asyncio.tasks._enter_task(loop, task)
-        try:
-            self._outcome = self._coroutine.send(None)
-        except StopIteration:
-            self.finished = True
-        except BaseException as exc:  # the task raises it, as its own step would
-            self._outcome = exc
-        finally:
-            asyncio.tasks._leave_task(loop, task)
-
-    def send(self, value: Any) -> Any:
-        if self._first:
-            self._first = False
-            if self.finished:
-                raise StopIteration
-            if isinstance(self._outcome, BaseException):
-                raise self._outcome
-            return self._outcome
-        return self._coroutine.send(value)
-
-    def throw(self, *exc: Any) -> Any:  # a cancellation: to the coroutine, unless it ended
-        self._first = False
-        if self.finished:
-            raise StopIteration
-        return self._coroutine.throw(*exc)
-
-    def close(self) -> None:
-        self._coroutine.close()
-
-    def __await__(self) -> Generator[Any, None, None]:
-        raise TypeError("driven by its task only")
-
-
-async def finish_handler(awaitable: Awaitable[Any], answer: Callable[..., None]) -> None:
-    """The rest of a coroutine handler, in its task: its outcome becomes the answer."""
-    try:
-        result = await awaitable
-    except asyncio.CancelledError:
-        answer("send_cancelled")
-    except Exception as exc:  # a handler failure is the dispatch's failure, not ours
-        answer("send_error", *handler_outcome(exc))
-    else:
-        answer("send_result", result)
-
-
-def spawn_handler(agent: AgentBase[Any, Any], handler: Callable[..., Any],
-                  event: DispatchReceived, context: DispatchContext) -> None:
-    """`start_handler` for an agent: its task, while it runs, is the agent's to cancel."""
-    agent.handler_runs += 1
-    dispatch_id = event.dispatch_id
-    task = start_handler(handler, event.arguments, context,
-                         functools.partial(agent._answer, dispatch_id))
-    if task is not None:
-        agent._handlers[dispatch_id] = task
-        task.add_done_callback(lambda _: agent._handlers.pop(dispatch_id, None))
-
-
-def accept_link(server: MeshBase[Any, Any], link: _Link, error: BaseException | None) -> None:
-    """A transport is ready (TLS done): give it a core connection, unless over the cap.
-    A failed TLS handshake never reaches the core."""
-    if error is not None:
-        return
-    if len(server.links) >= server.max_connections:
-        link.abort()
-        return
-    server._open_link(link.attach)
-    link.service()
-
-
-class Agent(AgentBase[_Link, Awaitable[str]]):
+class Agent(AgentBase[ProtocolLink, Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
     `async with connect(...) as agent` returns once the first welcome is seen;
@@ -426,17 +53,17 @@ class Agent(AgentBase[_Link, Awaitable[str]]):
     def _clock(self) -> float:
         return asyncio.get_running_loop().time()
 
-    async def _connect_once(self) -> _Link:
+    async def _connect_once(self) -> ProtocolLink:
         """Dial, TLS handshake (`wss://`, spec 1), then a fresh core connection: within
         `hello_timeout`. Raises TimeoutError or OSError (`TlsError` is one)."""
-        def attach(link: _Link) -> None:
+        def attach(link: ProtocolLink) -> None:
             conn = self._new_connection()
             self.ready.clear()
             self.link = link.attach(conn, self._on_event)
 
         tls = (TlsSession(self._ssl, server_side=False, server_hostname=self._host)
                if self._ssl is not None else None)
-        return await dial(lambda on_open: _Link(tls, self.config, on_open), self._host,
+        return await dial(lambda on_open: ProtocolLink(tls, self.config, on_open), self._host,
                           self._port, self.config.hello_timeout, attach)
 
     def _session_started(self, event: SessionStarted) -> None:
@@ -501,7 +128,7 @@ def connect(url: str, **options: Any) -> Agent:
     return Agent(url, **options)
 
 
-class AgentLink(AgentLinkBase["MeshServer", _Link]):
+class AgentLink(AgentLinkBase["MeshServer", ProtocolLink]):
     """The mesh's handle on one connected agent: send dispatches, await their outcome."""
 
     async def wait_closed(self) -> None:
@@ -524,7 +151,7 @@ class AgentLink(AgentLinkBase["MeshServer", _Link]):
             self.server.waiters.discard(dispatch_id)
 
 
-class MeshServer(MeshBase[AgentLink, _Link]):
+class MeshServer(MeshBase[AgentLink, ProtocolLink]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
     `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
@@ -559,11 +186,11 @@ class MeshServer(MeshBase[AgentLink, _Link]):
                        arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
         return await self._available_agent(instance_id).dispatch(capability, arguments, **options)
 
-    def _new_link(self) -> _Link:
+    def _new_link(self) -> ProtocolLink:
         tls = TlsSession(self._ssl, server_side=True) if self._ssl is not None else None
-        return _Link(tls, self.config, *self._link_callbacks)
+        return ProtocolLink(tls, self.config, *self._link_callbacks)
 
-    def _new_agent_link(self, link: _Link) -> AgentLink:
+    def _new_agent_link(self, link: ProtocolLink) -> AgentLink:
         return AgentLink(self, link)
 
     def _agent_arrived(self) -> None:

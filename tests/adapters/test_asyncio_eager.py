@@ -152,7 +152,7 @@ def test_each_handler_has_its_own_context() -> None:
 
 def test_a_coroutine_handler_cancelled_before_its_task_first_ran_answers_cancelled() -> None:
     """Started eagerly from a loop callback, then cancelled in the same pass."""
-    from svantic_adapters.asyncio import start_handler
+    from svantic_adapters._protocol import start_handler
 
     started: list[asyncio.Task[Any] | None] = []
 
@@ -182,7 +182,7 @@ def test_a_coroutine_handler_cancelled_before_its_task_first_ran_answers_cancell
 
 def test_a_coroutine_handler_that_answers_at_once_answers_before_start_handler_returns() -> None:
     """Eagerly, in its task: the answer joins the write of the read it came from."""
-    from svantic_adapters.asyncio import start_handler
+    from svantic_adapters._protocol import start_handler
 
     async def at_once(arguments: Any, context: Any) -> Any:
         return [arguments, asyncio.current_task() is not None]
