@@ -25,7 +25,7 @@ from ._pump import Pump
 from ._runtime import AgentBase, DispatchContext, MeshBase, handler_outcome
 from ._tls import TlsError, TlsSession
 
-__all__ = ["WRITE_BUFFER_LIMIT", "ProtocolLink", "accept_link", "dial", "spawn_handler",
+__all__ = ["WRITE_BUFFER_LIMIT", "ProtocolLink", "dial_agent", "listen", "spawn_handler",
            "start_handler"]
 
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
@@ -251,10 +251,11 @@ class ProtocolLink(asyncio.Protocol):
 LinkT = TypeVar("LinkT", bound=ProtocolLink)
 
 
-async def dial(new_link: Callable[[OpenCallback], LinkT], host: str, port: int, timeout: float,
-               attach: Callable[[LinkT], None]) -> LinkT:
-    """Connect, wait until the transport is ready (TLS done), `attach` a core connection and
-    service it, all within `timeout`. Raises TimeoutError, OSError, or what `attach` raised."""
+async def dial_agent(agent: AgentBase[Any, Any], link_class: Callable[..., LinkT],
+                     on_attach: Callable[[], None]) -> LinkT:
+    """Dial the agent's mesh, TLS handshake (`wss://`, spec 1), then a fresh core connection,
+    all within `hello_timeout`. Raises TimeoutError, OSError (`TlsError` is one), or what
+    making the core connection raised."""
     loop = asyncio.get_running_loop()
     opened: asyncio.Future[LinkT] = loop.create_future()
 
@@ -263,24 +264,44 @@ async def dial(new_link: Callable[[OpenCallback], LinkT], host: str, port: int, 
             return
         if error is None:
             try:
-                attach(link)
+                conn = agent._new_connection()
             except Exception as exc:  # raised to the caller
                 error = exc
         if error is not None:
             opened.set_exception(error)
             return
+        on_attach()
+        agent.link = link.attach(conn, agent._on_event)
         opened.set_result(link)
         link.service()
 
+    tls = (TlsSession(agent._ssl, server_side=False, server_hostname=agent._host)
+           if agent._ssl is not None else None)
     transport: asyncio.BaseTransport | None = None
     try:
-        async with asyncio.timeout(timeout):
-            transport, _ = await loop.create_connection(lambda: new_link(on_open), host, port)
+        async with asyncio.timeout(agent.config.hello_timeout):
+            transport, _ = await loop.create_connection(
+                lambda: link_class(tls, agent.config, on_open), agent._host, agent._port)
             return await opened
     except BaseException:
         if transport is not None:
             cast(asyncio.Transport, transport).abort()
         raise
+
+
+async def listen(server: MeshBase[Any, Any], link_class: Callable[..., ProtocolLink], host: str,
+                 port: int) -> tuple[asyncio.Server, tuple[str, int]]:
+    """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
+    callbacks = (functools.partial(accept_link, server), server.links.discard)  # made once
+
+    def new_link() -> ProtocolLink:
+        tls = TlsSession(server._ssl, server_side=True) if server._ssl is not None else None
+        return link_class(tls, server.config, *callbacks)
+
+    listener = await asyncio.get_running_loop().create_server(
+        new_link, host, port, backlog=server.backlog)
+    address = listener.sockets[0].getsockname()
+    return listener, (address[0], address[1])
 
 
 def start_handler(handler: Callable[..., Any], arguments: Any, context: Any,

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
 import math
@@ -50,7 +49,6 @@ from ._runtime import (
     Outcome,
     handler_outcome,
 )
-from ._tls import TlsSession
 
 __all__ = ["Agent", "AgentLink", "DispatchContext", "DispatchError", "HandlerError", "MeshServer",
            "connect"]
@@ -268,7 +266,7 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
         native: _AsyncioLink | None = None
         with anyio.CancelScope() as self._dial_scope, anyio.fail_after(self.config.hello_timeout):
             if self._native:
-                native = await self._dial_native()
+                native = await _protocol.dial_agent(self, _AsyncioLink, self._forget_closed)
             elif self._ssl is None:
                 stream = await anyio.connect_tcp(self._host, self._port)
             else:  # TLS close without close_notify: a closing read would race the reader task
@@ -285,17 +283,8 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
         link.service()
         return link
 
-    async def _dial_native(self) -> _AsyncioLink:
-        def attach(link: _AsyncioLink) -> None:
-            conn = self._new_connection()
-            self.last_closed = None
-            self.link = link
-            link.attach(conn, self._on_event)
-
-        tls = (TlsSession(self._ssl, server_side=False, server_hostname=self._host)
-               if self._ssl is not None else None)
-        return await _protocol.dial(lambda on_open: _AsyncioLink(tls, self.config, on_open),
-                                          self._host, self._port, self.config.hello_timeout, attach)
+    def _forget_closed(self) -> None:
+        self.last_closed = None
 
     def _session_started(self, event: SessionStarted) -> None:
         self.last_started = event
@@ -530,18 +519,11 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
         return str(address[0]), tcp.extra(SocketAttribute.local_port)
 
     async def _start_native(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await asyncio.get_running_loop().create_server(
-            self._new_native_link, host, port, backlog=self.backlog)
+        self._server, address = await _protocol.listen(self, _AsyncioLink, host, port)
         group = self._group or await self._open_group()
         self._started = True
         group.start_soon(self._store_timer.run)
-        address = self._server.sockets[0].getsockname()
-        return address[0], address[1]
-
-    def _new_native_link(self) -> _AsyncioLink:
-        tls = TlsSession(self._ssl, server_side=True) if self._ssl is not None else None
-        return _AsyncioLink(tls, self.config, functools.partial(_protocol.accept_link, self),
-                             self.links.discard)
+        return address
 
     async def _accept(self, listener: Listener[Any], group: TaskGroup) -> None:
         with self._accepting:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from svantic_proto import AgentConnection, RetryDecision
 from svantic_proto.events import DispatchReceived, SessionStarted
 
-from ._protocol import WRITE_BUFFER_LIMIT, ProtocolLink, accept_link, dial, spawn_handler
+from ._protocol import WRITE_BUFFER_LIMIT, ProtocolLink, dial_agent, listen, spawn_handler
 from ._runtime import (
     AgentBase,
     AgentLinkBase,
@@ -25,7 +24,6 @@ from ._runtime import (
     HandlerError,
     MeshBase,
 )
-from ._tls import TlsSession
 
 __all__ = [
     "WRITE_BUFFER_LIMIT",
@@ -54,17 +52,7 @@ class Agent(AgentBase[ProtocolLink, Awaitable[str]]):
         return asyncio.get_running_loop().time()
 
     async def _connect_once(self) -> ProtocolLink:
-        """Dial, TLS handshake (`wss://`, spec 1), then a fresh core connection: within
-        `hello_timeout`. Raises TimeoutError or OSError (`TlsError` is one)."""
-        def attach(link: ProtocolLink) -> None:
-            conn = self._new_connection()
-            self.ready.clear()
-            self.link = link.attach(conn, self._on_event)
-
-        tls = (TlsSession(self._ssl, server_side=False, server_hostname=self._host)
-               if self._ssl is not None else None)
-        return await dial(lambda on_open: ProtocolLink(tls, self.config, on_open), self._host,
-                          self._port, self.config.hello_timeout, attach)
+        return await dial_agent(self, ProtocolLink, self.ready.clear)
 
     def _session_started(self, event: SessionStarted) -> None:
         self.ready.set()
@@ -163,17 +151,14 @@ class MeshServer(MeshBase[AgentLink, ProtocolLink]):
         self._server: asyncio.Server | None = None
         self._store_timer: asyncio.TimerHandle | None = None
         self._notify_task: asyncio.Future[None] | None = None
-        self._link_callbacks = (functools.partial(accept_link, self), self.links.discard)
 
     def _clock(self) -> float:
         return asyncio.get_running_loop().time()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
-        self._server = await asyncio.get_running_loop().create_server(
-            self._new_link, host, port, backlog=self.backlog)
-        address = self._server.sockets[0].getsockname()
-        return address[0], address[1]
+        self._server, address = await listen(self, ProtocolLink, host, port)
+        return address
 
     async def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> AgentLink:
         async def ready() -> AgentLink:
@@ -185,10 +170,6 @@ class MeshServer(MeshBase[AgentLink, ProtocolLink]):
     async def dispatch(self, instance_id: str, capability: str,
                        arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
         return await self._available_agent(instance_id).dispatch(capability, arguments, **options)
-
-    def _new_link(self) -> ProtocolLink:
-        tls = TlsSession(self._ssl, server_side=True) if self._ssl is not None else None
-        return ProtocolLink(tls, self.config, *self._link_callbacks)
 
     def _new_agent_link(self, link: ProtocolLink) -> AgentLink:
         return AgentLink(self, link)
