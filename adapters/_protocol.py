@@ -15,18 +15,18 @@ import functools
 import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, TypeVar, cast
 
 from svantic_proto import Config
 from svantic_proto.events import DispatchReceived, Event
 
 from ._pump import Pump
-from ._runtime import AgentBase, DispatchContext, MeshBase, handler_outcome
+from ._runtime import AgentBase, AgentLinkBase, DispatchContext, MeshBase, handler_outcome
 from ._tls import TlsError, TlsSession
 
-__all__ = ["WRITE_BUFFER_LIMIT", "ProtocolLink", "dial_agent", "listen", "spawn_handler",
-           "start_handler"]
+__all__ = ["WRITE_BUFFER_LIMIT", "ProtocolLink", "dial_agent", "dispatch", "listen",
+           "spawn_handler", "start_handler"]
 
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
@@ -418,3 +418,19 @@ def accept_link(server: MeshBase[Any, Any], link: ProtocolLink,
         return
     server._open_link(link.attach)
     link.service()
+
+
+async def dispatch(agent_link: AgentLinkBase[Any, Any], capability: str,
+                   arguments: Mapping[str, Any] | None, deadline_ms: int,
+                   on_chunk: Callable[[Any], object] | None) -> Any:
+    """Send a dispatch to the agent on `agent_link` and await its outcome (a future)."""
+    link: ProtocolLink = agent_link.link
+    future: asyncio.Future[Any] = link.loop.create_future()
+    dispatch_id = agent_link._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
+                                            waiter=future, on_chunk=on_chunk, now=link.loop.time())
+    if link.paused:  # backpressure, not memory growth
+        await link.drain(WRITE_BUFFER_LIMIT // 4)
+    try:
+        return await future
+    finally:
+        agent_link.server.waiters.discard(dispatch_id)

@@ -215,14 +215,10 @@ class _AsyncioLink(_protocol.ProtocolLink):
     """On the asyncio backend: the asyncio adapter's transport, with the names `_Link` has."""
 
     __slots__ = ("settled",)
-    new_event = staticmethod(asyncio.Event)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.settled = asyncio.Event()
-
-    def now(self) -> float:
-        return self.loop.time()
 
     async def run(self) -> None:
         await self.done.wait()
@@ -445,13 +441,15 @@ class AgentLink(AgentLinkBase["MeshServer", AnyLink]):
                        deadline_ms: int = 30_000,
                        on_chunk: Callable[[Any], object] | None = None) -> Any:
         """Send a dispatch and return its result; raise `DispatchError` on failure."""
-        settled = self.link.new_event()
+        link = self.link
+        if isinstance(link, _AsyncioLink):
+            return await _protocol.dispatch(self, capability, arguments, deadline_ms, on_chunk)
+        settled = link.new_event()
         outcome = Outcome(settled.set)
         dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
-                                          waiter=outcome, on_chunk=on_chunk,
-                                          now=self.link.now())
+                                          waiter=outcome, on_chunk=on_chunk, now=link.now())
         try:
-            await self.link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure for callers
+            await link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure for callers
             await settled.wait()
         finally:
             self.server.waiters.discard(dispatch_id)

@@ -15,7 +15,7 @@ from typing import Any
 from svantic_proto import AgentConnection, RetryDecision
 from svantic_proto.events import DispatchReceived, SessionStarted
 
-from ._protocol import WRITE_BUFFER_LIMIT, ProtocolLink, dial_agent, listen, spawn_handler
+from ._protocol import WRITE_BUFFER_LIMIT, ProtocolLink, dial_agent, dispatch, listen, spawn_handler
 from ._runtime import (
     AgentBase,
     AgentLinkBase,
@@ -127,16 +127,7 @@ class AgentLink(AgentLinkBase["MeshServer", ProtocolLink]):
                        deadline_ms: int = 30_000,
                        on_chunk: Callable[[Any], object] | None = None) -> Any:
         """Send a dispatch and return its result; raise `DispatchError` on failure."""
-        future: asyncio.Future[Any] = self.link.loop.create_future()
-        dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
-                                          waiter=future, on_chunk=on_chunk,
-                                          now=self.link.loop.time())
-        if self.link.paused:  # backpressure, not memory growth
-            await self.link.drain(WRITE_BUFFER_LIMIT // 4)
-        try:
-            return await future
-        finally:
-            self.server.waiters.discard(dispatch_id)
+        return await dispatch(self, capability, arguments, deadline_ms, on_chunk)
 
 
 class MeshServer(MeshBase[AgentLink, ProtocolLink]):
