@@ -324,7 +324,7 @@ def start_handler(handler: Callable[..., Any], arguments: Any, context: Any,
         answer("send_result", result)
         return None
     loop = asyncio.get_running_loop()
-    runner = finish_handler(result, answer)
+    runner = finish_handler(result, answer, context)
     if sys.version_info >= (3, 12):
         task = asyncio.Task(runner, loop=loop, context=handler_context, eager_start=True)
     elif asyncio.current_task(loop) is not None:  # one task may not step another
@@ -383,11 +383,14 @@ class _EagerStart(collections.abc.Coroutine[Any, Any, None]):
         raise TypeError("driven by its task only")
 
 
-async def finish_handler(awaitable: Awaitable[Any], answer: Callable[..., None]) -> None:
+async def finish_handler(awaitable: Awaitable[Any], answer: Callable[..., None],
+                         context: Any) -> None:
     """The rest of a coroutine handler, in its task: its outcome becomes the answer."""
     try:
         result = await awaitable
     except asyncio.CancelledError:
+        if isinstance(context, DispatchContext):
+            context.cancelled = True  # as the other adapters do
         answer("send_cancelled")
     except Exception as exc:  # a handler failure is the dispatch's failure, not ours
         answer("send_error", *handler_outcome(exc))

@@ -110,6 +110,7 @@ def test_a_handler_that_waits_goes_on_in_a_task_and_its_deadline_cancels_it() ->
         await asyncio.sleep(0)
         assert asyncio.current_task() is not None  # the rest runs in a task
         if arguments.get("forever"):
+            contexts.append(context)
             try:
                 await asyncio.sleep(60)
             except asyncio.CancelledError:
@@ -118,6 +119,7 @@ def test_a_handler_that_waits_goes_on_in_a_task_and_its_deadline_cancels_it() ->
         return "done"
 
     seen: list[str] = []
+    contexts: list[Any] = []
 
     async def scenario() -> None:
         async with mesh_and_agent(waits=waits) as (server, _):
@@ -125,12 +127,13 @@ def test_a_handler_that_waits_goes_on_in_a_task_and_its_deadline_cancels_it() ->
             with pytest.raises(DispatchError):
                 await server.dispatch(INSTANCE, "waits", {"forever": True}, deadline_ms=200)
             for _ in range(200):  # the agent's cancel follows the mesh's deadline
-                if seen:
+                if seen and contexts[0].cancelled:
                     break
                 await asyncio.sleep(0.01)
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
     assert seen == ["cancelled"]
+    assert contexts[0].cancelled  # DispatchContext.cancelled, as every adapter sets it
 
 
 def test_each_handler_has_its_own_context() -> None:
