@@ -1,15 +1,14 @@
 """svantic.v1 over anyio (asyncio or trio backend): an agent client and a mesh server.
 
-The same public shape as `svantic_adapters.asyncio`. Every protocol decision is
-the core's; this module reads and writes bytes, keeps one timer per connection
-at the core's `next_deadline()` (a task asleep in a cancel scope whose deadline
-moves: no polling), and runs handlers in task groups.
+The same public shape as `svantic_adapters.asyncio`. Every protocol decision is the
+core's. On trio, connections are anyio byte streams (`_streams.py`: reader, writer and
+timer tasks) and handlers run in the agent's task group, each in a cancel scope.
 
 On the asyncio backend, connections use the asyncio adapter's transport (`_protocol.py`:
 a protocol with TLS over `ssl.MemoryBIO`s, no reader or writer task, no stream layers)
 instead of anyio's streams, and handlers run as the asyncio adapter runs them: each in a
-task of its own, which the agent cancels when it stops. Cancel scopes, `anyio.sleep` and the rest
-work in them as in any task on that backend.
+task of its own, which the agent cancels when it stops. Cancel scopes, `anyio.sleep` and
+the rest work in them as in any task on that backend.
 """
 
 from __future__ import annotations
@@ -18,8 +17,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import math
-import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
@@ -33,12 +30,10 @@ from svantic_proto import AgentConnection, LocalProtocolError, RetryDecision
 from svantic_proto.events import (
     ConnectionClosed,
     DispatchReceived,
-    Event,
     SessionStarted,
 )
 
 from . import _protocol
-from ._pump import Pump
 from ._runtime import (
     AgentBase,
     AgentLinkBase,
@@ -49,158 +44,12 @@ from ._runtime import (
     Outcome,
     handler_outcome,
 )
+from ._streams import WRITE_BUFFER_LIMIT, StreamLink, Timer
 
 __all__ = ["Agent", "AgentLink", "DispatchContext", "DispatchError", "HandlerError", "MeshServer",
            "connect"]
 
 log = logging.getLogger(__name__)
-READ_SIZE = 65536
-WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
-"""Bytes queued for a peer that does not read before we give up on it (slow reader)."""
-
-
-class _Timer:
-    """One re-armable timer: a task asleep in a cancel scope whose deadline `arm()` moves."""
-
-    def __init__(self, fire: Callable[[float], None]) -> None:
-        self._fire = fire
-        self.deadline: float | None = None
-        self._scope = anyio.CancelScope()
-        self._closed = False
-
-    def arm(self, deadline: float | None) -> None:
-        self.deadline = deadline
-        self._scope.deadline = math.inf if deadline is None else deadline
-
-    def close(self) -> None:
-        self._closed = True
-        self._scope.cancel()
-
-    def fire_if_due(self, now: float) -> None:
-        """Run a deadline that has passed; the reader calls it first, as it came first."""
-        if not self._closed and self.deadline is not None and now >= self.deadline:
-            self.deadline = None
-            self._fire(now)  # which re-arms through arm()
-
-    async def run(self) -> None:
-        while not self._closed:
-            self._scope = anyio.CancelScope(
-                deadline=math.inf if self.deadline is None else self.deadline)
-            with self._scope:
-                await anyio.sleep_forever()
-            self.fire_if_due(anyio.current_time())
-
-
-class _Link:
-    """One byte stream and one core connection, driven by a `Pump`.
-
-    A reader task feeds the core; a writer task sends everything queued since
-    its last send in one `send()`, in order, then closes the stream; a timer
-    task serves `next_deadline()`. The backend's clock, event and scope factories are
-    looked up once here: `anyio.current_time()` and `anyio.Event()` ask sniffio
-    on every call, several times per message.
-    """
-
-    def __init__(self, conn: Any, stream: ByteStream, on_event: Callable[[Event], None],
-                 close_timeout: float) -> None:
-        backend = anyio.lowlevel.current_token().backend_class
-        self.now, self.new_event = backend.current_time, backend.create_event
-        self.new_scope = backend.create_cancel_scope
-        self.stream, self._close_timeout = stream, close_timeout
-        self._timer = _Timer(lambda now: self._drive(self.pump.timer, now))
-        self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
-                         arm_timer=self._timer.arm)
-        self.settled = self.new_event()
-        """Set by the owner once the session started, and when the link ends."""
-        self.done = self.new_event()
-        self.queued = 0
-        self._pending: list[bytes] = []
-        self._wake, self._progress = self.new_event(), self.new_event()
-        self._closing = False
-        self._send_scope = self.new_scope()
-
-    def _write(self, chunks: list[bytes]) -> None:
-        if not self._closing:  # after the core's close (or an abort) nothing more goes out
-            self._pending += chunks
-            self.queued += sum(map(len, chunks))
-            self._wake.set()
-            if self.queued > WRITE_BUFFER_LIMIT:
-                self.abort()  # the peer stopped reading: do not grow memory without limit
-
-    def _close(self) -> None:
-        """The core said close: flush what is queued (for at most close_timeout), then close."""
-        if not self._closing:
-            self._closing = True
-            self._send_scope.deadline = self.now() + self._close_timeout
-            self._wake.set()
-        self._timer.close()
-
-    def abort(self) -> None:
-        """Drop TCP at once, without a close frame, as a network fault would."""
-        raw = self.stream.extra(SocketAttribute.raw_socket, None)
-        with contextlib.suppress(OSError):
-            if raw is not None:
-                raw.shutdown(socket.SHUT_RDWR)
-        self._close()
-        self._send_scope.cancel()
-
-    def service(self) -> None:
-        self.pump.service()
-
-    def _drive(self, step: Callable[..., None], *args: Any) -> None:
-        try:
-            step(*args)
-        except Exception:  # a failing callback drops this connection, not its neighbours
-            log.exception("dropping the connection")
-            self.abort()
-
-    async def drain(self, limit: int) -> None:
-        """Wait while more than `limit` bytes are queued: backpressure instead of memory."""
-        while self.queued > limit and not self._closing:
-            await self._progress.wait()
-
-    async def _write_loop(self) -> None:
-        try:
-            with self._send_scope:
-                while self._pending or not self._closing:
-                    if not self._pending:  # a fresh event, so a set from before is not seen
-                        self._wake = self.new_event()
-                        await self._wake.wait()
-                        continue
-                    data = b"".join(self._pending)  # all that queued while we sent: one send
-                    self._pending.clear()
-                    await self.stream.send(data)
-                    self.queued -= len(data)
-                    self._progress.set()
-                    self._progress = self.new_event()
-        except Exception:  # the transport broke: the reader sees the end as well
-            pass
-        finally:
-            self._closing = True
-            self._progress.set()
-            await anyio.aclose_forcefully(self.stream)
-
-    async def run(self) -> None:
-        try:
-            async with anyio.create_task_group() as group:
-                group.start_soon(self._timer.run)
-                group.start_soon(self._write_loop)
-                while not self.pump.closed:
-                    try:
-                        data = await self.stream.receive(READ_SIZE)
-                    except Exception:  # EOF, reset, TLS failure, closed by the writer: the end
-                        break
-                    now = self.now()
-                    self._timer.fire_if_due(now)  # a deadline that passed came before this input
-                    self._drive(self.pump.feed, data, now)
-                if not self.pump.closed:
-                    self._drive(self.pump.eof, self.now())
-                self._close()
-        finally:
-            self.settled.set()
-            self.done.set()
-
-
 def _backend() -> tuple[bool, Callable[[], float], Callable[[], anyio.Event]]:
     """On asyncio or not, and the backend's clock and event factory, looked up once: anyio's
     own functions look the backend up per call, which fails in protocol callbacks."""
@@ -212,7 +61,7 @@ def _backend() -> tuple[bool, Callable[[], float], Callable[[], anyio.Event]]:
 
 
 class _AsyncioLink(_protocol.ProtocolLink):
-    """On the asyncio backend: the asyncio adapter's transport, with the names `_Link` has."""
+    """On the asyncio backend: the asyncio adapter's transport, with the names `StreamLink` has."""
 
     __slots__ = ("settled",)
 
@@ -228,7 +77,7 @@ class _AsyncioLink(_protocol.ProtocolLink):
         self.settled.set()
 
 
-AnyLink = _Link | _AsyncioLink
+AnyLink = StreamLink | _AsyncioLink
 
 
 class Agent(AgentBase[AnyLink, Awaitable[str]]):
@@ -275,7 +124,7 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
             return None if self._stopping else native
         conn = self._new_connection()
         self.last_closed = None
-        self.link = link = _Link(conn, stream, self._on_event, self.config.close_timeout)
+        self.link = link = StreamLink(conn, stream, self._on_event, self.config.close_timeout)
         link.service()
         return link
 
@@ -303,7 +152,7 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
         if self._native:
             _protocol.spawn_handler(self, handler, event, context)
             return
-        scope = cast(_Link, self.link).new_scope()  # made now: a cancel before its start counts
+        scope = cast(StreamLink, self.link).new_scope()  # now: a cancel before its start counts
         self._handlers[event.dispatch_id] = scope
         group = cast(TaskGroup, self._group)  # `_handler_unavailable()` saw it set
         group.start_soon(self._run_handler, handler, event, context, scope)
@@ -470,7 +319,7 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
         self._now: Callable[[], float] = anyio.current_time  # until it starts: then _backend()'s
         self._new_event: Callable[[], anyio.Event] = anyio.Event
         self._arrival = anyio.Event()
-        self._store_timer = _Timer(self._expire_store)
+        self._store_timer = Timer(self._expire_store)
         self._stack: contextlib.AsyncExitStack | None = None
         self._group: TaskGroup | None = None
         self._entered = self._started = self._closed = False
@@ -548,7 +397,7 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
             await anyio.aclose_forcefully(stream)
             return
         link = self._open_link(
-            lambda conn, on_event: _Link(conn, stream, on_event, self.config.close_timeout))
+            lambda conn, on_event: StreamLink(conn, stream, on_event, self.config.close_timeout))
         try:
             link.service()
             await link.run()
