@@ -242,8 +242,9 @@ class Candidate:
 class Ours(Candidate):
     """`MeshServer` + `Agent` of one asyncio-compatible adapter, dispatch auth on."""
 
-    def __init__(self, adapter: str, module: Any, tls: Tls) -> None:
+    def __init__(self, adapter: str, module: Any, tls: Tls, plain_handler: bool = False) -> None:
         self.name, self.module, self.tls = adapter, module, tls
+        self.plain_handler = plain_handler
         self.texts = ("", "")
 
     async def setup(self) -> None:
@@ -259,7 +260,8 @@ class Ours(Candidate):
         async def echo(arguments: Any, context: Any) -> Any:
             return arguments
 
-        self.agent.add("echo", echo)
+        self.agent.add("echo", (lambda arguments, context: arguments) if self.plain_handler
+                       else echo)
         await self.stack.enter_async_context(self.agent)
         await self.server.wait_for_agent(INSTANCE)
         await self.one()
@@ -833,7 +835,7 @@ async def run_async_round_trips(modules: dict[str, Any], tls: Tls, args: argpars
     candidates: list[Candidate] = []
     try:
         for name, module in modules.items():
-            ours = Ours(name, module, tls)
+            ours = Ours(name, module, tls, args.plain_handler)
             candidates.append(ours)
             await ours.setup()
         texts = candidates[0].texts  # type: ignore[attr-defined]
@@ -1069,6 +1071,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle-repeats", type=int, default=3, help="RSS runs per adapter")
     parser.add_argument("--skip-round-trips", action="store_true")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--plain-handler", action="store_true",
+                        help="asyncio and anyio: a plain function handler, not `async def`")
     parser.add_argument("--serve-idle", metavar="ADAPTER", help=argparse.SUPPRESS)
     parser.add_argument("--gevent-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
