@@ -205,3 +205,21 @@ def test_a_coroutine_handler_that_answers_at_once_answers_before_start_handler_r
     (task, answers_then), answers = asyncio.run(asyncio.wait_for(scenario(), 30))
     assert task is None
     assert answers_then == answers == [("send_result", [{"n": 1}, True])]
+
+
+def test_a_coroutine_handler_started_from_a_task_runs_in_a_task_of_its_own() -> None:
+    """One task may not step another: from inside a task, the handler's task starts later."""
+    from svantic_adapters._protocol import start_handler
+
+    async def handler(arguments: Any, context: Any) -> Any:
+        return asyncio.current_task()
+
+    async def scenario() -> None:
+        answers: list[tuple[Any, ...]] = []
+        task = start_handler(handler, {}, None, lambda *answer: answers.append(answer))
+        assert task is not None and answers == []  # not run inside this task
+        await asyncio.wait([task], timeout=5)
+        assert answers == [("send_result", task)]
+        assert task is not asyncio.current_task()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
