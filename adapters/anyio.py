@@ -50,6 +50,8 @@ __all__ = ["Agent", "AgentLink", "DispatchContext", "DispatchError", "HandlerErr
            "connect"]
 
 log = logging.getLogger(__name__)
+
+
 def _backend() -> tuple[bool, Callable[[], float], Callable[[], anyio.Event]]:
     """On asyncio or not, and the backend's clock and event factory, looked up once: anyio's
     own functions look the backend up per call, which fails in protocol callbacks."""
@@ -118,10 +120,12 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
                 stream = await anyio.connect_tcp(self._host, self._port, ssl_context=self._ssl,
                                                  tls_hostname=self._host,
                                                  tls_standard_compatible=False)
-        if native is not None and self._stopping:
-            native.abort()
-        if native is not None or stream is None or self._stopping:  # None: stop() cancelled it
-            return None if self._stopping else native
+        if self._stopping:  # stop() came during the dial, or cancelled it
+            if native is not None:
+                native.abort()
+            return None
+        if native is not None or stream is None:
+            return native
         conn = self._new_connection()
         self.last_closed = None
         self.link = link = StreamLink(conn, stream, self._on_event, self.config.close_timeout)

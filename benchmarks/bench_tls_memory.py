@@ -76,21 +76,20 @@ def connected(server_context: ssl.SSLContext, client_context: ssl.SSLContext) ->
 def measure(count: int) -> dict[str, Any]:
     server_context, client_context = contexts()
     servers: list[Side] = []
-    clients: list[Side] = []
-    for _ in range(50):  # warm-up: caches, the first allocations of each kind
-        s, c = connected(server_context, client_context)
-        servers.append(s)
-        clients.append(c)
-    clients.clear()
-    gc.collect()
-    heap0 = heap_in_use()
-    for _ in range(count):
-        s, c = connected(server_context, client_context)
-        servers.append(s)
-        clients.append(c)
-    clients.clear()
-    gc.collect()
-    heap1 = heap_in_use()
+
+    def open_idle(n: int) -> int | None:
+        """Open `n` connections, keep the servers, drop the clients: the heap in use after."""
+        clients = []
+        for _ in range(n):
+            server, client = connected(server_context, client_context)
+            servers.append(server)
+            clients.append(client)
+        del clients, client
+        gc.collect()
+        return heap_in_use()
+
+    heap0 = open_idle(50)  # warm-up: caches, the first allocations of each kind
+    heap1 = open_idle(count)
     return {
         "count": count,
         "openssl": ssl.OPENSSL_VERSION,
