@@ -3,8 +3,9 @@
 Every protocol decision is the core's; this module moves bytes, keeps one hub
 timer per connection at the core's `next_deadline()`, and runs each handler in
 its own greenlet. It needs no monkey-patching: it uses `gevent.socket`,
-`gevent.ssl`, `gevent.event` and hub timers explicitly, so it works in a plain
-process and in any thread (each thread has its own hub). If your application
+`gevent.event` and hub timers explicitly, and does TLS over memory (`_tls.py`, as
+the asyncio adapter does), so it works in a plain process and in any thread (each
+thread has its own hub). If your application
 monkey-patches, patch first: call `gevent.monkey.patch_all()` before importing
 anything else, in particular before anything imports `ssl` (svantic_proto
 imports PyJWT, which pulls in `ssl` and `socket`, lazily for this reason).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import socket
 import ssl
 import time
@@ -30,7 +32,7 @@ import gevent
 import gevent.event
 import gevent.monkey
 import gevent.socket
-import gevent.ssl
+import greenlet
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
@@ -53,6 +55,7 @@ from ._runtime import (
     MeshBase,
     handler_outcome,
 )
+from ._tls import TlsError, TlsSession
 
 __all__ = ["Agent", "AgentLink", "HandshakeRejected", "MeshServer", "connect"]
 
@@ -61,6 +64,7 @@ WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
 
 Method = TypeVar("Method", bound=Callable[..., Any])
+log = logging.getLogger(__name__)
 _now = time.monotonic
 _thread_ident: Callable[[], int] = gevent.monkey.get_original("_thread", "get_ident")
 
@@ -90,17 +94,39 @@ def _owned(method: Method) -> Method:
     return cast(Method, call)
 
 
-def _tls(context: ssl.SSLContext, sock: Any, server_hostname: str | None = None) -> Any:
-    """Cooperative TLS, handshaken, with gevent's `SSLContext` or the standard library's
-    (what `gevent.ssl.SSLContext.wrap_socket` does, for either)."""
-    tls = gevent.ssl.SSLSocket(sock=sock, server_side=server_hostname is None, _context=context,
-                               server_hostname=server_hostname, do_handshake_on_connect=False)
+def _handshake(context: ssl.SSLContext, sock: Any,
+               server_hostname: str | None = None) -> tuple[TlsSession, bytes]:
+    """The TLS handshake over a plain socket (`_tls.TlsSession`, as the asyncio adapter
+    does), within the caller's timeout. Returns the session and any plaintext that came
+    with the handshake's last flight. Raises `TlsError` (an OSError), after sending the
+    alert that says why."""
+    tls = TlsSession(context, server_side=server_hostname is None,
+                     server_hostname=server_hostname)
+    plaintext = b""
     try:
-        tls.do_handshake()
-    except BaseException:
-        _close(tls)
+        tls.start()
+        while True:
+            ciphertext = tls.data_to_send()
+            if ciphertext:
+                sock.sendall(ciphertext)
+            if tls.handshake_complete:
+                return tls, plaintext
+            data = sock.recv(READ_SIZE)
+            if data:
+                plaintext = tls.receive_data(data)
+            else:
+                tls.receive_eof()  # raises: a hang-up mid-handshake
+    except TlsError:
+        with contextlib.suppress(OSError):
+            sock.sendall(tls.data_to_send())
         raise
-    return tls
+
+
+def _kill(runner: greenlet.greenlet) -> None:
+    """GreenletExit in a handler that is still running (never into a finished one: a throw
+    into a dead greenlet lands in its parent)."""
+    if runner:
+        runner.throw(gevent.GreenletExit)
 
 
 def _close(sock: Any) -> None:
@@ -126,70 +152,122 @@ class _Timer:
 
 
 class _Link:
-    """One socket and one core connection: a reader and a writer greenlet, one hub timer."""
+    """One socket, TLS over it when configured, and one core connection: a reader greenlet,
+    one hub timer, and a writer greenlet only while the socket does not take a write.
 
-    def __init__(self, conn: Any, sock: Any, on_event: Callable[[Event], None]) -> None:
-        self._hub, self.sock = gevent.get_hub(), sock
+    Writes go out at once from whichever greenlet made them, without waiting: what the
+    socket does not take is queued, in order, for a writer greenlet to send when it can.
+    So an answer costs no greenlet switch, the reader never blocks on a write (two peers
+    both writing and neither reading cannot deadlock), and the queue is bounded.
+    """
+
+    def __init__(self, conn: Any, sock: Any, tls: TlsSession | None, plaintext: bytes,
+                 on_event: Callable[[Event], None]) -> None:
+        self._hub, self.sock, self._tls = gevent.get_hub(), sock, tls
+        self._plaintext = plaintext  # what came with the TLS handshake's last flight
         self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
                          arm_timer=self._arm)
-        self._pending: list[bytes] = []
+        self._pending: list[bytes] = []  # what the socket has not taken yet, in order
+        self._writer: gevent.Greenlet | None = None  # while `_pending` is being sent
         self.queued, self._closing = 0, False
-        self._wake, self.flushed, self.done = (gevent.event.Event() for _ in range(3))
+        self.flushed, self.done = gevent.event.Event(), gevent.event.Event()
+        self.flushed.set()
         self._timer = _Timer(self._fire)
-        self._writer = gevent.spawn(self._write_loop)
 
     def start(self) -> None:
         self.pump.service()  # the upgrade request (agent) or the handshake timer (mesh)
         gevent.spawn(self._read_loop)
 
     def _write(self, chunks: list[bytes]) -> None:
-        """Queue for the writer greenlet: never blocks, so any greenlet or the hub may call it."""
-        self._pending.extend(chunks)
-        self.queued += sum(len(chunk) for chunk in chunks)
-        self.flushed.clear()
-        self._wake.set()
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        tls = self._tls
+        if tls is not None:
+            if tls.close_sent:
+                return
+            tls.send(data)
+            data = tls.data_to_send()
+        self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        """Never blocks, so any greenlet or the hub may call it."""
+        if not data:
+            return
+        if self._writer is None:  # nothing queued ahead of it: try the socket now
+            try:
+                sent = self.sock.send(data, 0, timeout=0.0)
+            except BlockingIOError:
+                sent = 0
+            except OSError:  # a broken socket ends the transport: the reader reports it
+                self.abort()
+                return
+            if sent == len(data):
+                return
+            data = data[sent:]
+            self.flushed.clear()
+            self._writer = gevent.spawn(self._write_loop)
+        self._pending.append(data)
+        self.queued += len(data)
         if self.queued > WRITE_BUFFER_LIMIT:
             self.abort()  # the peer stopped reading: do not grow memory without limit
 
     def _close(self) -> None:
-        self._closing = True  # the writer flushes what is queued (the close frame), then closes
+        """The core closed: close_notify behind its close frame, then TCP once all is out."""
+        self._closing = True
         self._timer.arm(None)
-        self._wake.set()
+        tls = self._tls
+        if tls is not None and not tls.close_sent and not tls.failed:
+            tls.close()
+            self._send(tls.data_to_send())
+        if self._writer is None:
+            _close(self.sock)
 
     def _write_loop(self) -> None:
         try:
-            while not self._closing or self._pending:
-                self._wake.wait()
-                self._wake.clear()
-                while self._pending:
-                    data = b"".join(self._pending)  # one batched write per wake-up
-                    self._pending.clear()
-                    self.sock.sendall(data)
-                    self.queued -= len(data)
-                self.flushed.set()
+            while self._pending:
+                data = b"".join(self._pending)  # one batched write per pass
+                self._pending.clear()
+                self.sock.sendall(data)
+                self.queued -= len(data)
         except Exception:  # any write failure ends the transport: the reader reports it
-            pass
+            self.abort()
         finally:
+            self._writer = None
             self.flushed.set()
-            _close(self.sock)
+            if self._closing:
+                _close(self.sock)
 
     def _read_loop(self) -> None:
-        pump = self.pump
+        pump, tls = self.pump, self._tls
         try:
+            if self._plaintext:
+                pump.feed(self._plaintext, _now())
+            self._plaintext = b""
             while not pump.closed:
                 try:
                     data = self.sock.recv(READ_SIZE)
-                except Exception:  # a reset, a TLS error, or a socket closed under us: EOF
+                except Exception:  # a reset, or a socket closed under us: EOF
                     data = b""
                 if not data:
                     break
-                pump.feed(data, _now())
+                if tls is not None:
+                    try:
+                        data = tls.receive_data(data)
+                    finally:  # after a TlsError: the alert that says why
+                        self._send(tls.data_to_send())
+                if data and not pump.closed:
+                    pump.feed(data, _now())
+                if tls is not None and tls.peer_closed:  # close_notify: EOF, ours back
+                    break
+        except TlsError as exc:  # the peer's bytes are not TLS: as a reset
+            log.debug("dropping the connection: %s", exc)
         finally:
             if not pump.closed:
                 pump.eof(_now())
             self._close()
-            self._writer.join(timeout=pump.conn.config.close_timeout)
-            self._writer.kill(block=False)
+            writer = self._writer
+            if writer is not None:
+                writer.join(timeout=pump.conn.config.close_timeout)
+                writer.kill(block=False)
             _close(self.sock)
             self.done.set()
 
@@ -230,12 +308,16 @@ class Agent(AgentBase[_Link, str]):
     def _connect_once(self) -> _Link:
         with gevent.Timeout(self.config.hello_timeout, TimeoutError):
             sock = gevent.socket.create_connection((self._host, self._port))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self._ssl is not None:
-                sock = _tls(self._ssl, sock, server_hostname=self._host)
-        conn = self._new_connection()
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tls, plaintext = (_handshake(self._ssl, sock, server_hostname=self._host)
+                                  if self._ssl is not None else (None, b""))
+                conn = self._new_connection()
+            except BaseException:
+                _close(sock)
+                raise
         self.ready.clear()
-        self.link = _Link(conn, sock, self._on_event)
+        self.link = _Link(conn, sock, tls, plaintext, self._on_event)
         self.link.start()
         return self.link
 
@@ -244,7 +326,9 @@ class Agent(AgentBase[_Link, str]):
         if running is not None:
             running[1].cancelled = True
             self._cancel_reasons[event.dispatch_id] = event.reason
-            running[0].kill(block=False)  # GreenletExit in the handler, even before it runs
+            # Thrown from the hub, never here: this may run inside the handler's own greenlet
+            # (its answer drained the pump), where a throw would cut the pump short.
+            self._hub.loop.run_callback(_kill, running[0])
 
     def _session_started(self, event: SessionStarted) -> None:
         self.last_session = event
@@ -252,29 +336,47 @@ class Agent(AgentBase[_Link, str]):
 
     def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                        context: DispatchContext) -> None:
-        dispatch_id = event.dispatch_id
-        greenlet = gevent.spawn(self._run_handler, handler, event, context)
-        self._handlers[dispatch_id] = (greenlet, context)
-        greenlet.rawlink(lambda _: self._handler_ended(dispatch_id))
+        """Start the handler in a greenlet of its own at once, as an eager task starts.
+
+        A handler that answers without blocking (most do) runs to its end before this
+        returns, so its answer goes out in the write of the read it came from: no hub pass,
+        no writer wake-up of its own. The reader schedules its own resumption first, so a
+        handler that does block hands the hub back and the reader carries on; the handler
+        then finishes into the hub, as a spawned greenlet would.
+        """
+        current, hub = greenlet.getcurrent(), self._hub
+        if current is hub:  # not a greenlet that may wait (the core's events come from
+            gevent.spawn(self._spawn_handler, handler, event, context)  # the reader's)
+            return
+        runner = greenlet.greenlet(self._run_handler, parent=current)
+        self._handlers[event.dispatch_id] = (runner, context)
+        resume = hub.loop.run_callback(current.switch)
+        runner.switch(handler, event, context)
+        if runner.dead:  # it ended without blocking (or after, before the resumption ran)
+            resume.stop()
+        else:  # it blocked: the hub resumed us and is where it goes on and ends
+            runner.parent = hub
 
     def _run_handler(self, handler: Callable[..., Any], event: DispatchReceived,
                      context: DispatchContext) -> None:
         self.handler_runs += 1
+        dispatch_id = event.dispatch_id
         try:
             result = handler(event.arguments, context)
         except Exception as exc:  # a handler failure is the dispatch's failure, not ours
-            self._answer(event.dispatch_id, "send_error", *handler_outcome(exc))
+            self._answer(dispatch_id, "send_error", *handler_outcome(exc))
+        except BaseException:  # GreenletExit: cancelled (spec 3), or the process is ending
+            reason = self._cancel_reasons.pop(dispatch_id, None)
+            if reason is not None:
+                self._answer(dispatch_id, "send_cancelled")
+            else:
+                self._answer(dispatch_id, "send_error", "DISPATCH_FAILED", "handler gave no answer")
+            raise
         else:
-            self._answer(event.dispatch_id, "send_result", result)
-
-    def _handler_ended(self, dispatch_id: str) -> None:
-        """Answer a dispatch its handler left unanswered (killed); a no-op once answered."""
-        self._handlers.pop(dispatch_id, None)
-        reason = self._cancel_reasons.pop(dispatch_id, None)
-        if reason is not None:
-            self._answer(dispatch_id, "send_cancelled")
-        else:
-            self._answer(dispatch_id, "send_error", "DISPATCH_FAILED", "handler gave no answer")
+            self._answer(dispatch_id, "send_result", result)
+        finally:
+            self._handlers.pop(dispatch_id, None)
+            self._cancel_reasons.pop(dispatch_id, None)
 
     refresh_token = _owned(AgentBase.refresh_token)
 
@@ -418,10 +520,12 @@ class MeshServer(MeshBase[AgentLink, _Link]):
         link: _Link | None = None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls, plaintext = None, b""
             if self._ssl is not None:
                 with gevent.Timeout(self.config.hello_timeout, TimeoutError):
-                    sock = _tls(self._ssl, sock)
-            link = self._open_link(lambda conn, on_event: _Link(conn, sock, on_event))
+                    tls, plaintext = _handshake(self._ssl, sock)
+            link = self._open_link(
+                lambda conn, on_event: _Link(conn, sock, tls, plaintext, on_event))
             link.start()
             link.done.wait()
         except (OSError, TimeoutError):

@@ -161,6 +161,13 @@ def make_agent(port: int, tls: Tls, probe: Probe, instance_id: str = "agent-1") 
         return {"released": probe.release.wait(WAIT), "attempt": context.attempt}
 
     @agent.capability()
+    def timed(arguments: Any, context: Any) -> Any:
+        with gevent.Timeout(0.05, False):  # its first line: needs a greenlet that may wait
+            gevent.sleep(WAIT)
+            return "slept"
+        return "timed out"
+
+    @agent.capability()
     def sleeper(arguments: Any, context: Any) -> None:
         try:
             gevent.sleep(WAIT)
@@ -232,6 +239,21 @@ def test_handler_failures_become_dispatch_errors(mesh: Any, agent: Agent) -> Non
     with pytest.raises(DispatchError) as missing:
         server.dispatch("agent-1", "no_such_capability", {}, deadline_ms=5000)
     assert missing.value.code == "CAPABILITY_NOT_FOUND"
+
+
+def test_a_handler_that_waits_does_not_hold_up_the_connection(
+    mesh: Any, agent: Agent, probe: Probe
+) -> None:
+    """Handlers start at once, in the reader's pass; one that waits hands the hub back."""
+    server, _ = mesh
+    caller = HubThread(lambda: server.dispatch("agent-1", "slow", {}, deadline_ms=20_000))
+    caller.start()
+    assert probe.slow_started.wait(WAIT)
+    assert server.dispatch("agent-1", "echo", {"n": 1}, deadline_ms=5000)["echo"] == {"n": 1}
+    assert server.dispatch("agent-1", "timed", {}, deadline_ms=5000) == "timed out"
+    probe.release.set()
+    assert caller.outcome() == {"released": True, "attempt": 1}
+    assert agent.handler_runs == 3
 
 
 def test_deadline_kills_the_handler_greenlet(mesh: Any, agent: Agent, probe: Probe) -> None:
