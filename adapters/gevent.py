@@ -138,6 +138,8 @@ def _close(sock: Any) -> None:
 class _Timer:
     """One hub timer at a monotonic deadline; the callback runs in a fresh greenlet."""
 
+    __slots__ = ("_callback", "_hub", "_watcher")
+
     def __init__(self, callback: Callable[[], object]) -> None:
         self._hub, self._callback = gevent.get_hub(), callback
         self._watcher: Any = None
@@ -161,6 +163,9 @@ class _Link:
     both writing and neither reading cannot deadlock), and the queue is bounded.
     """
 
+    __slots__ = ("_closing", "_hub", "_pending", "_plaintext", "_timer", "_tls", "_writer",
+                 "done", "pump", "queued", "sock")
+
     def __init__(self, conn: Any, sock: Any, tls: TlsSession | None, plaintext: bytes,
                  on_event: Callable[[Event], None]) -> None:
         self._hub, self.sock, self._tls = gevent.get_hub(), sock, tls
@@ -170,13 +175,19 @@ class _Link:
         self._pending: list[bytes] = []  # what the socket has not taken yet, in order
         self._writer: gevent.Greenlet | None = None  # while `_pending` is being sent
         self.queued, self._closing = 0, False
-        self.flushed, self.done = gevent.event.Event(), gevent.event.Event()
-        self.flushed.set()
+        self.done = gevent.event.Event()
         self._timer = _Timer(self._fire)
 
-    def start(self) -> None:
+    def run(self) -> None:
+        """Serve the connection in this greenlet until it ends (then `done` is set)."""
         self.pump.service()  # the upgrade request (agent) or the handshake timer (mesh)
-        gevent.spawn(self._read_loop)
+        self._read_loop()
+
+    def wait_flushed(self, timeout: float) -> None:
+        """Until what is queued has gone out (or `timeout`): backpressure for a sender."""
+        writer = self._writer
+        if writer is not None:
+            writer.join(timeout)
 
     def _write(self, chunks: list[bytes]) -> None:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -203,7 +214,6 @@ class _Link:
             if sent == len(data):
                 return
             data = data[sent:]
-            self.flushed.clear()
             self._writer = gevent.spawn(self._write_loop)
         self._pending.append(data)
         self.queued += len(data)
@@ -232,7 +242,6 @@ class _Link:
             self.abort()
         finally:
             self._writer = None
-            self.flushed.set()
             if self._closing:
                 _close(self.sock)
 
@@ -318,7 +327,7 @@ class Agent(AgentBase[_Link, str]):
                 raise
         self.ready.clear()
         self.link = _Link(conn, sock, tls, plaintext, self._on_event)
-        self.link.start()
+        gevent.spawn(self.link.run)
         return self.link
 
     def _cancel_handler(self, event: DispatchCancelled) -> None:
@@ -475,7 +484,7 @@ class AgentLink(AgentLinkBase["MeshServer", _Link]):
         dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
                                           waiter=outcome, on_chunk=on_chunk, now=_now())
         if self.link.queued > WRITE_BUFFER_LIMIT // 4:
-            self.link.flushed.wait(deadline_ms / 1000)  # backpressure, not memory growth
+            self.link.wait_flushed(deadline_ms / 1000)  # backpressure, not memory growth
         try:
             return outcome.get()  # the core's deadline or the resume window ends every wait
         finally:
@@ -526,8 +535,7 @@ class MeshServer(MeshBase[AgentLink, _Link]):
                     tls, plaintext = _handshake(self._ssl, sock)
             link = self._open_link(
                 lambda conn, on_event: _Link(conn, sock, tls, plaintext, on_event))
-            link.start()
-            link.done.wait()
+            link.run()  # in this greenlet: no second one per connection
         except (OSError, TimeoutError):
             _close(sock)  # a failed TLS handshake: nothing reached the core yet
         finally:

@@ -58,10 +58,11 @@ def test_writes_past_what_the_socket_takes_are_queued_in_order(pair: tuple[Any, 
     for chunk in chunks:
         link._write([chunk])  # returns at once: nothing here may wait for the peer
     assert link.queued > 0  # the peer has read nothing: the rest waits for the writer
-    assert not link.flushed.is_set()
+    assert link._writer is not None
     assert read_exactly(theirs, len(chunks) * CHUNK) == b"".join(chunks)
-    assert link.flushed.wait(10)
+    link.wait_flushed(10)
     assert link.queued == 0
+    assert link._writer is None
 
 
 def test_a_peer_that_stops_reading_is_dropped_past_the_write_buffer_limit(
