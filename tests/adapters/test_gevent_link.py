@@ -1,10 +1,14 @@
 """The gevent adapter's transport: writes never block the greenlet that makes them, keep
 their order, and a peer that stops reading is dropped once the write buffer limit is
-passed. Real TCP sockets on 127.0.0.1, no monkey-patching; every wait is bounded."""
+passed; the mesh's TLS port times out, closes with close_notify and refuses plaintext.
+Real TCP sockets on 127.0.0.1, real TLS (trustme), no monkey-patching; every wait is
+bounded."""
 
 from __future__ import annotations
 
 import socket
+import ssl
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,7 +17,11 @@ import pytest
 pytest.importorskip("gevent")
 import gevent
 import gevent.socket
-from svantic_adapters.gevent import WRITE_BUFFER_LIMIT, _Link
+import trustme
+from svantic_adapters._tls import TlsSession
+from svantic_adapters.gevent import WRITE_BUFFER_LIMIT, MeshServer, _Link
+
+from svantic_proto import Config
 
 pytestmark = pytest.mark.timeout(30)
 CHUNK = 64 * 1024
@@ -77,3 +85,84 @@ def test_a_peer_that_stops_reading_is_dropped_past_the_write_buffer_limit(
     with gevent.Timeout(10):  # the peer sees the connection end
         while theirs.recv(1 << 20):
             pass
+
+
+# -- TLS on the mesh's port, as the asyncio adapter's tests check it (test_tls_layer.py) --
+
+
+@pytest.fixture(scope="module")
+def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = trustme.CA()
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+@pytest.fixture
+def mesh(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> Iterator[tuple[MeshServer, int]]:
+    """A gevent mesh in this thread's hub that knows no token and no instance."""
+
+    def refuse(token: str) -> object:
+        raise ValueError("no tokens in this test")
+
+    server = MeshServer(ssl_context=tls[0], verify_token=refuse,
+                        lookup_instance=lambda instance_id: None, dispatch_auth=None,
+                        config=Config(hello_timeout=0.3, close_timeout=0.3))
+    _, port = server.start("127.0.0.1", 0)
+    yield server, port
+    server.close(grace=0)
+
+
+def read_until_eof(sock: Any) -> bytes:
+    received = bytearray()
+    with gevent.Timeout(10):
+        try:
+            while data := sock.recv(65536):
+                received += data
+        except ConnectionError:
+            pass
+    return bytes(received)
+
+
+def test_mesh_drops_a_peer_that_never_finishes_the_tls_handshake(
+    mesh: tuple[MeshServer, int],
+) -> None:
+    sock = gevent.socket.create_connection(("127.0.0.1", mesh[1]))  # TCP, then nothing
+    started = time.monotonic()
+    read_until_eof(sock)
+    sock.close()
+    assert time.monotonic() - started < 5  # hello_timeout (0.3 s), not never
+
+
+def test_mesh_closes_with_close_notify_a_peer_that_sends_no_upgrade(
+    mesh: tuple[MeshServer, int], tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    sock = gevent.socket.create_connection(("127.0.0.1", mesh[1]))
+    client = TlsSession(tls[1], server_side=False, server_hostname="127.0.0.1")
+    client.start()
+    with gevent.Timeout(10):
+        while not client.handshake_complete:
+            sock.sendall(client.data_to_send())
+            client.receive_data(sock.recv(65536))
+        sock.sendall(client.data_to_send())
+        while not client.peer_closed:  # the mesh gives up after hello_timeout
+            data = sock.recv(65536)
+            assert data, "TCP ended without close_notify"
+            client.receive_data(data)
+    read_until_eof(sock)  # and closes TCP without waiting for ours
+    sock.close()
+    assert not client.close_sent
+
+
+def test_mesh_closes_on_a_plain_http_request_to_its_tls_port(
+    mesh: tuple[MeshServer, int],
+) -> None:
+    server, port = mesh
+    sock = gevent.socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"GET /agents/connect?instance_id=a1 HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = read_until_eof(sock)
+    sock.close()
+    assert not answer.startswith(b"HTTP/")  # a TLS alert, not an HTTP answer
+    assert not server.links  # nothing reached the core
