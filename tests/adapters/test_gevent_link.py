@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("gevent")
 import gevent
 import gevent.socket
-import trustme
+from harness import Certs
 from svantic_adapters._tls import TlsSession
 from svantic_adapters.gevent import WRITE_BUFFER_LIMIT, MeshServer, _Link
 
@@ -91,13 +91,9 @@ def test_a_peer_that_stops_reading_is_dropped_past_the_write_buffer_limit(
 
 
 @pytest.fixture(scope="module")
-def tls() -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    ca = trustme.CA()
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ca.issue_cert("127.0.0.1").configure_cert(server)
-    client = ssl.create_default_context()
-    ca.configure_trust(client)
-    return server, client
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    certs = Certs(tmp_path_factory.mktemp("certs"))
+    return certs.server_context(), certs.client_context()
 
 
 @pytest.fixture
