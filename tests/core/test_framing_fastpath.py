@@ -258,6 +258,19 @@ def test_over_the_limit_fails_1009_like_the_wsproto_path() -> None:
     ]
 
 
+def test_an_oversized_frame_with_bad_utf8_fails_as_the_wsproto_path_does() -> None:
+    """Found by hypothesis: an empty text frame, then a 64 KiB frame over the limit whose
+    UTF-8 breaks near the end of the first 64 KiB slice. The fast path takes the empty
+    frame; the rest must still be cut where the wsproto path alone cuts it, or the two
+    see the bad UTF-8 (1007) and the size (1009) in a different order."""
+    payload = bytearray(b"V" * 65538)
+    payload[65514:65517] = b"\xed\x9b@"  # a 3-byte lead, then a byte that cannot follow it
+    wire = raw_frame(TEXT, b"", masked=True) + raw_frame(TEXT, bytes(payload), masked=True)
+    events = feed_both(False, [wire], max_message_bytes=64)
+    assert events[0] == TextReceived("")
+    assert type(events[1]) is FramingFailed and len(events) == 2
+
+
 # -- the fast path is really taken, and handed over as documented -------------------------
 
 
