@@ -505,9 +505,7 @@ class Framing:
         4), is not strict UTF-8 (1007, section 2), or is incomplete. wsproto then
         gives the exact events and close of today, so nothing here can fail.
         """
-        if not isinstance(data, bytes | bytearray):
-            data = bytes(data)
-        end = len(data)
+        end = len(data)  # `receive_data` made it bytes
         position = 0
         masked = not self._client  # RFC 6455 5.1: clients mask, servers never do
         mask_bit = _MASK_BIT if masked else 0
