@@ -19,14 +19,15 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from typing import Any, TypeVar, cast
 
 from svantic_proto import Config
-from svantic_proto.events import DispatchReceived, Event
+from svantic_proto.agent_runtime import Dial, StartHandler
+from svantic_proto.events import Event
 
 from ._pump import Pump
-from ._runtime import AgentBase, AgentLinkBase, DispatchContext, MeshBase, handler_outcome
+from ._runtime import AgentLinkBase, MeshBase
 from ._tls import TlsError, TlsSession
 
-__all__ = ["WRITE_BUFFER_LIMIT", "ProtocolLink", "dial_agent", "dispatch", "listen",
-           "spawn_handler", "start_handler"]
+__all__ = ["WRITE_BUFFER_LIMIT", "ProtocolLink", "dial", "dispatch", "listen", "spawn_handler",
+           "start_handler"]
 
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
@@ -81,6 +82,12 @@ class ProtocolLink(asyncio.Protocol):
             if self._ended:
                 self._done.set()
         return self._done
+
+    def write(self, chunks: list[bytes]) -> None:
+        self._write(chunks)
+
+    def close(self) -> None:
+        self._close()
 
     def attach(self, conn: Any, on_event: Callable[[Event], None]) -> ProtocolLink:
         """Drive `conn` from this transport (call `service()` next)."""
@@ -251,42 +258,30 @@ class ProtocolLink(asyncio.Protocol):
 LinkT = TypeVar("LinkT", bound=ProtocolLink)
 
 
-async def dial_agent(agent: AgentBase[Any, Any], link_class: Callable[..., LinkT],
-                     on_attach: Callable[[], None]) -> LinkT:
-    """Dial the agent's mesh, TLS handshake (`wss://`, spec 1), then a fresh core connection,
-    all within `hello_timeout`. Raises TimeoutError, OSError (`TlsError` is one), or what
-    making the core connection raised."""
+def dial(agent: Any, dial: Dial, link_class: Callable[..., LinkT]) -> asyncio.Task[None]:
+    """Open the transport of `dial` for an `AgentDriver`: TCP, then TLS (`wss://`, spec 1);
+    the runtime's deadline bounds both (its `AbortTransport` cancels the task)."""
     loop = asyncio.get_running_loop()
-    opened: asyncio.Future[LinkT] = loop.create_future()
 
     def on_open(link: Any, error: BaseException | None) -> None:
-        if opened.done():  # the dial timed out meanwhile: it drops the transport
-            return
-        if error is None:
-            try:
-                conn = agent._new_connection()
-            except Exception as exc:  # raised to the caller
-                error = exc
         if error is not None:
-            opened.set_exception(error)
-            return
-        on_attach()
-        agent.link = link.attach(conn, agent._on_event)
-        opened.set_result(link)
-        link.service()
+            agent._dial_failed(dial.attempt, error)
+        else:
+            agent._opened(dial.attempt, link)
 
-    tls = (TlsSession(agent._ssl, server_side=False, server_hostname=agent._host)
+    tls = (TlsSession(agent._ssl, server_side=False, server_hostname=dial.host)
            if agent._ssl is not None else None)
-    transport: asyncio.BaseTransport | None = None
-    try:
-        async with asyncio.timeout(agent.config.hello_timeout):
-            transport, _ = await loop.create_connection(
-                lambda: link_class(tls, agent.config, on_open), agent._host, agent._port)
-            return await opened
-    except BaseException:
-        if transport is not None:
-            cast(asyncio.Transport, transport).abort()
-        raise
+
+    async def connect() -> None:
+        try:
+            await loop.create_connection(lambda: link_class(tls, agent.config, on_open),
+                                         dial.host, dial.port)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # refused, name resolution, ...: the runtime decides
+            agent._dial_failed(dial.attempt, exc)
+
+    return loop.create_task(connect())
 
 
 async def listen(server: MeshBase[Any, Any], link_class: Callable[..., ProtocolLink], host: str,
@@ -318,13 +313,13 @@ def start_handler(handler: Callable[..., Any], arguments: Any, context: Any,
     try:
         result = handler_context.run(handler, arguments, context)
     except Exception as exc:  # a handler failure is the dispatch's failure, not ours
-        answer("send_error", *handler_outcome(exc))
+        answer("raised", exc)
         return None
     if not inspect.isawaitable(result):
         answer("send_result", result)
         return None
     loop = asyncio.get_running_loop()
-    runner = finish_handler(result, answer, context)
+    runner = finish_handler(result, answer)
     if sys.version_info >= (3, 12):
         task = asyncio.Task(runner, loop=loop, context=handler_context, eager_start=True)
     elif asyncio.current_task(loop) is not None:  # one task may not step another
@@ -383,31 +378,36 @@ class _EagerStart(collections.abc.Coroutine[Any, Any, None]):
         raise TypeError("driven by its task only")
 
 
-async def finish_handler(awaitable: Awaitable[Any], answer: Callable[..., None],
-                         context: Any) -> None:
+async def finish_handler(awaitable: Awaitable[Any], answer: Callable[..., None]) -> None:
     """The rest of a coroutine handler, in its task: its outcome becomes the answer."""
     try:
         result = await awaitable
-    except asyncio.CancelledError:
-        if isinstance(context, DispatchContext):
-            context.cancelled = True  # as the other adapters do
-        answer("send_cancelled")
+    except asyncio.CancelledError:  # ours (the runtime's CancelHandler) or anyone's
+        answer("cancelled")
     except Exception as exc:  # a handler failure is the dispatch's failure, not ours
-        answer("send_error", *handler_outcome(exc))
+        answer("raised", exc)
     else:
         answer("send_result", result)
 
 
-def spawn_handler(agent: AgentBase[Any, Any], handler: Callable[..., Any],
-                  event: DispatchReceived, context: DispatchContext) -> None:
+def _answer(agent: Any, dispatch_id: str, kind: str, *args: Any) -> None:
+    if kind == "send_result":
+        agent._returned(dispatch_id, *args)
+    elif kind == "raised":
+        agent._raised(dispatch_id, *args)
+    else:
+        agent._cancelled(dispatch_id)
+
+
+def spawn_handler(agent: Any, start: StartHandler) -> None:
     """`start_handler` for an agent: its task, while it runs, is the agent's to cancel."""
-    agent.handler_runs += 1
-    dispatch_id = event.dispatch_id
-    task = start_handler(handler, event.arguments, context,
-                         functools.partial(agent._answer, dispatch_id))
+    dispatch_id = start.dispatch_id
+    task = start_handler(start.handler, start.arguments, start.context,
+                         functools.partial(_answer, agent, dispatch_id))
     if task is not None:
-        agent._handlers[dispatch_id] = task
-        task.add_done_callback(lambda _: agent._handlers.pop(dispatch_id, None))
+        handlers = agent._handlers
+        handlers[dispatch_id] = task
+        task.add_done_callback(lambda _: handlers.pop(dispatch_id, None))
 
 
 def accept_link(server: MeshBase[Any, Any], link: ProtocolLink,

@@ -5,6 +5,11 @@ the adapter must hand events to the application, write what the core wants
 written (batched into one write), close the transport when told, and move its
 single timer to the core's `next_deadline()`. `Pump` does exactly that and
 nothing else; each adapter gives it three callables for its own I/O.
+
+`conn` is anything with the core's five-step surface: a core connection (one
+transport: `latch`, the pump is done once it closed the transport), or an
+`AgentRuntime`, which outlives its transports (`latch=False`: each close marker
+closes the current transport and the pump goes on).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import Any
 
 from svantic_proto.events import Event
 
-__all__ = ["Pump"]
+__all__ = ["DETACHED", "Pump"]
 
 
 class Pump:
@@ -23,6 +28,7 @@ class Pump:
         "_busy",
         "_close",
         "_deadline",
+        "_latch",
         "_on_event",
         "_write",
         "closed",
@@ -37,8 +43,10 @@ class Pump:
         write: Callable[[list[bytes]], None],
         close: Callable[[], None],
         arm_timer: Callable[[float | None], None],
+        latch: bool = True,
     ) -> None:
         self.conn = conn
+        self._latch = latch
         self._on_event = on_event
         self._write = write
         self._close = close
@@ -78,7 +86,7 @@ class Pump:
                         if data and not self.closed:
                             self._write(data)
                         if not self.closed:
-                            self.closed = True
+                            self.closed = self._latch
                             self._close()
                     elif not self.closed:
                         self._write(chunks)
@@ -90,3 +98,12 @@ class Pump:
                 self._arm_timer(deadline)
         finally:
             self._busy = False
+
+
+def _ignore(*_: object) -> None:
+    pass
+
+
+DETACHED = Pump(None, on_event=_ignore, write=_ignore, close=_ignore, arm_timer=_ignore)
+DETACHED.closed = True
+"""The pump of a transport with no core connection (yet, or any more): takes nothing."""

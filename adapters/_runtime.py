@@ -18,7 +18,7 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 from urllib.parse import urlsplit
 
@@ -36,7 +36,13 @@ from svantic_proto import (
     check_upgrade,
     held_failures,
 )
-from svantic_proto.errors import SvanticError
+from svantic_proto.capabilities import (
+    Capability,
+    CapabilityRegistry,
+    DispatchContext,
+    handler_outcome,
+)
+from svantic_proto.errors import DispatchError, HandlerError
 from svantic_proto.events import (
     ChunkReceived,
     ConnectionClosed,
@@ -49,11 +55,10 @@ from svantic_proto.events import (
     SessionStarted,
     UpgradeRequest,
 )
-from svantic_proto.frames import SessionContext
 from svantic_proto.handshake import Reject, build_upgrade_request
 from svantic_proto.mesh import MintDispatchAuth
-from svantic_proto.trace import SessionTraceContext, trace_context_from_headers
 
+from ._agent import client_ssl_context
 from ._pump import Pump
 
 __all__ = [
@@ -72,119 +77,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("svantic_adapters")
-
-
-class DispatchError(SvanticError):
-    """A dispatch ended without a result: `code` is the agent's or the mesh's (spec 3)."""
-
-    def __init__(self, dispatch_id: str, code: str, message: str | None = None,
-                 detail: Mapping[str, Any] | None = None) -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.dispatch_id = dispatch_id
-        self.code = code
-        self.message = message
-        self.detail = detail
-
-
-class HandlerError(Exception):
-    """Raise from a capability handler to answer with your own error code (spec 3)."""
-
-    def __init__(self, code: str, message: str, detail: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.detail = detail
-
-
-@dataclass(frozen=True, slots=True)
-class Capability:
-    name: str
-    handler: Callable[..., Any]
-    description: str = ""
-    parameters: Mapping[str, Any] | None = None
-    """JSON Schema of the arguments; failures answer INVALID_ARGUMENTS (spec 3)."""
-    validator: Any = None
-
-
-@dataclass(slots=True)
-class DispatchContext:
-    """What a handler gets besides its arguments: ids, trace context, and streaming."""
-
-    dispatch_id: str
-    capability: str
-    attempt: int
-    deadline_ms: int
-    task_id: str | None
-    session_context: SessionContext | None
-    send_chunk: Callable[[Any], object] = field(repr=False, default=lambda data: None)
-    cancelled: bool = False
-    _trace: SessionTraceContext | None = field(default=None, repr=False)
-
-    @property
-    def trace(self) -> SessionTraceContext:
-        """`parent_trace_id`, `parent_span_id`, `baggage`: parsed on first use, then kept."""
-        if self._trace is None:
-            context = self.session_context
-            self._trace = trace_context_from_headers(
-                context.propagation_headers if context is not None else None
-            )
-        return self._trace
-
-    def chunk(self, data: Any) -> None:
-        """Stream one chunk to the caller (queued in the outbox while disconnected)."""
-        self.send_chunk(data)
-
-
-class CapabilityRegistry:
-    """Capabilities by name, with their JSON Schemas compiled once."""
-
-    def __init__(self) -> None:
-        self.capabilities: dict[str, Capability] = {}
-
-    def add(self, name: str, handler: Callable[..., Any], *, description: str = "",
-            parameters: Mapping[str, Any] | None = None) -> Capability:
-        validator = None
-        if parameters is not None:
-            import jsonschema  # a well-kept validator beats a hand-written one
-
-            cls = jsonschema.validators.validator_for(parameters)
-            cls.check_schema(parameters)
-            validator = cls(parameters)
-        capability = Capability(name, handler, description, parameters, validator)
-        self.capabilities[name] = capability
-        return capability
-
-    def capability(self, name: str | None = None, *, description: str = "",
-                   parameters: Mapping[str, Any] | None = None
-                   ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator form of `add()`."""
-
-        def register(handler: Callable[..., Any]) -> Callable[..., Any]:
-            self.add(name or handler.__name__, handler, description=description,
-                     parameters=parameters)
-            return handler
-
-        return register
-
-    def resolve(self, event: DispatchReceived) -> tuple[Capability | None, tuple[str, str] | None]:
-        """The capability to run, or the (code, message) to answer with instead."""
-        capability = self.capabilities.get(event.capability)
-        if capability is None:
-            return None, ("CAPABILITY_NOT_FOUND", f"no capability {event.capability!r} here")
-        if capability.validator is not None:
-            errors = sorted(capability.validator.iter_errors(dict(event.arguments)), key=str)
-            if errors:
-                first = errors[0]
-                where = "/".join(str(p) for p in first.absolute_path) or "(root)"
-                return None, ("INVALID_ARGUMENTS", f"{where}: {first.message}")
-        return capability, None
-
-
-def handler_outcome(exc: BaseException) -> tuple[str, str, dict[str, Any] | None]:
-    """The terminal error for a handler that raised (spec 3: DISPATCH_FAILED)."""
-    if isinstance(exc, HandlerError):
-        return exc.code, exc.message, exc.detail
-    return "DISPATCH_FAILED", f"{type(exc).__name__}: {exc}", None
 
 
 def make_context(event: DispatchReceived, send_chunk: Callable[[Any], object]) -> DispatchContext:
@@ -257,15 +149,6 @@ class MeshWaiters:
         for dispatch_id, pending in list(self._pending.items()):
             pending.waiter.set_exception(DispatchError(dispatch_id, code, message))
         self._pending.clear()
-
-
-def client_ssl_context(ssl_context: ssl.SSLContext | None, cafile: str | None) -> ssl.SSLContext:
-    """The TLS context for `wss://`: the caller's, or the system's plus a private CA file."""
-    if ssl_context is not None:
-        return ssl_context
-    context = ssl.create_default_context(cafile=cafile)
-    context.set_alpn_protocols(["http/1.1"])
-    return context
 
 
 AsyncHandler = Callable[[Mapping[str, Any], DispatchContext], Awaitable[Any]]

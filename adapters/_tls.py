@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ssl
 
-from svantic_proto.errors import InvalidState, LocalProtocolError, SvanticError
+from svantic_proto.errors import InvalidState, LocalProtocolError, TlsError
 
 __all__ = ["CHUNK", "PLAINTEXT_READ", "TlsError", "TlsSession"]
 
@@ -26,25 +26,6 @@ CHUNK = 4096
 """Bytes handed to OpenSSL at once, both ways: bounds what each memory BIO keeps."""
 PLAINTEXT_READ = 16384
 """One `read()`: a TLS record carries at most 2**14 bytes of plaintext (RFC 8446 5.1)."""
-
-
-class TlsError(SvanticError, ConnectionError):
-    """The TLS session failed: the handshake was refused (a certificate that does not verify,
-    no common protocol), the peer sent bytes that are not TLS, or it hung up mid-handshake.
-
-    A `ConnectionError`, so code that retries on a failed connection (spec 5) retries on it.
-    `reason` is OpenSSL's reason (e.g. `CERTIFICATE_VERIFY_FAILED`) when there is one, and
-    the `ssl.SSLError` is the `__cause__`.
-    """
-
-    code = "TLS_FAILED"
-
-    def __init__(self, message: str, *, reason: str | None = None,
-                 during_handshake: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.reason = reason
-        self.during_handshake = during_handshake
 
 
 class TlsSession:

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from svantic_proto import AgentConnection, RetryDecision
-from svantic_proto.events import DispatchReceived, SessionStarted
+from svantic_proto import AgentSession, Config, DispatchAuthVerifier, LocalProtocolError
+from svantic_proto.agent_runtime import Dial, StartHandler
+from svantic_proto.capabilities import DispatchContext
+from svantic_proto.errors import DispatchError, HandlerError
 
-from ._protocol import WRITE_BUFFER_LIMIT, ProtocolLink, dial_agent, dispatch, listen, spawn_handler
-from ._runtime import (
-    AgentBase,
-    AgentLinkBase,
-    DispatchContext,
-    DispatchError,
-    HandlerError,
-    MeshBase,
-)
+from . import _protocol
+from ._agent import AgentDriver
+from ._protocol import WRITE_BUFFER_LIMIT, ProtocolLink, dispatch, listen
+from ._runtime import AgentLinkBase, MeshBase
 
 __all__ = [
     "WRITE_BUFFER_LIMIT",
@@ -36,63 +35,109 @@ __all__ = [
     "connect",
 ]
 
+log = logging.getLogger("svantic.agent")
 
-class Agent(AgentBase[ProtocolLink, Awaitable[str]]):
+
+class Agent(AgentDriver[Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
     `async with connect(...) as agent` returns once the first welcome is seen;
     `await agent.run()` keeps it connected until `stop()` or a final refusal
-    (which raises the typed `HandshakeRejected`).
+    (which raises the typed `HandshakeRejected`). `ready` is set while a session is up.
     """
 
-    def _init_adapter(self) -> None:
+    def __init__(self, url: str, *, token: str, instance_id: str,
+                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
+                 config: Config | None = None, session: AgentSession | None = None,
+                 token_provider: Callable[[], Awaitable[str]] | None = None,
+                 allow_insecure_loopback: bool = False) -> None:
+        super().__init__(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
+                         agent_type=agent_type, ssl_context=ssl_context, cafile=cafile,
+                         config=config, session=session, token_provider=token_provider,
+                         allow_insecure_loopback=allow_insecure_loopback)
         self.ready = asyncio.Event()
+        self._handlers: dict[str, asyncio.Task[None]] = {}
+        self._dialling: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._finished: asyncio.Future[None] | None = None
+        self._runner: asyncio.Task[None] | None = None
 
-    def _clock(self) -> float:
+    def _now(self) -> float:
         return asyncio.get_running_loop().time()
 
-    async def _connect_once(self) -> ProtocolLink:
-        return await dial_agent(self, ProtocolLink, self.ready.clear)
+    def _arm(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._fire)
 
-    def _session_started(self, event: SessionStarted) -> None:
-        self.ready.set()
+    def _dial(self, dial: Dial) -> None:
+        self._dialling = _protocol.dial(self, dial, ProtocolLink)
 
-    def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
-                       context: DispatchContext) -> None:
-        spawn_handler(self, handler, event, context)
+    def _cancel_dial(self) -> None:
+        if self._dialling is not None:
+            self._dialling.cancel()
+            self._dialling = None
 
-    async def connections(self) -> AsyncIterator[AgentConnection]:
-        """Yield each established connection; reconnect with the core's backoff and retry rules."""
-        while not self._stopping:
-            retry: RetryDecision
+    def _start_handler(self, start: StartHandler) -> None:
+        _protocol.spawn_handler(self, start)
+
+    def _cancel_handler(self, dispatch_id: str) -> None:
+        task = self._handlers.get(dispatch_id)
+        if task is not None:
+            task.cancel()
+
+    def _fetch_token(self, provider: Callable[[], Awaitable[str]]) -> None:
+        async def fetch() -> None:
             try:
-                link = await self._connect_once()
-                ended = asyncio.ensure_future(link.done.wait())
-                ready = asyncio.ensure_future(self.ready.wait())
-                await asyncio.wait({ended, ready}, return_when=asyncio.FIRST_COMPLETED)
-                ready.cancel()
-                if self.ready.is_set():
-                    yield link.pump.conn
-                await ended
-                retry = self._retry_decision()
-            except (TimeoutError, OSError):  # a TLS failure is a `TlsError`, an OSError
-                retry = RetryDecision.RETRY
-            if self._stopping:
-                return
-            if provider := self._token_refresher(retry):
-                self._use_fresh_token(await provider())
-            await asyncio.sleep(self.session.next_delay())
+                token: str | None = await provider()
+            except Exception:
+                log.exception("%s: the token provider failed", self.instance_id)
+                token = None
+            self._token_fetched(token)
+
+        asyncio.get_running_loop().create_task(fetch())
+
+    def _ready_changed(self, ready: bool) -> None:
+        if ready:
+            self.ready.set()
+        else:
+            self.ready.clear()
+
+    def _stopped(self, error: BaseException | None) -> None:
+        self._arm(None)
+        finished = self._finished
+        if finished is not None and not finished.done():
+            if error is None:
+                finished.set_result(None)
+            else:
+                finished.set_exception(error)
 
     async def run(self) -> None:
-        async for _ in self.connections():
-            pass
+        """Stay connected until `stop()`; raise a final refusal (spec 5)."""
+        if self._finished is not None:
+            raise LocalProtocolError("this agent is already running")
+        self._finished = asyncio.get_running_loop().create_future()
+        self.runtime.start(self._now())
+        self.pump.service()
+        try:
+            await asyncio.shield(self._finished)
+        except asyncio.CancelledError:  # the caller gave up: stop at once
+            self.runtime.stop(self._now(), 0)
+            self.pump.service()
+            raise
+        finally:
+            for task in list(self._handlers.values()):
+                task.cancel()
 
     async def __aenter__(self) -> Agent:
-        self._runner = asyncio.create_task(self.run())
-        waiter = asyncio.create_task(self.ready.wait())
-        await asyncio.wait({self._runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        self._runner = asyncio.get_running_loop().create_task(self.run())
+        ready = asyncio.ensure_future(self.ready.wait())
+        await asyncio.wait({self._runner, ready}, return_when=asyncio.FIRST_COMPLETED)
         if self._runner.done():
-            waiter.cancel()
+            ready.cancel()
             self._runner.result()  # raises the final error
         return self
 
@@ -100,20 +145,31 @@ class Agent(AgentBase[ProtocolLink, Awaitable[str]]):
         await self.stop()
 
     async def stop(self, grace: float | None = None) -> None:
-        """close_request: finish in-flight work (up to the grace), then close 1000."""
-        link = self._begin_stop(grace)
-        if link is not None:
-            await link.done.wait()
-        runner = getattr(self, "_runner", None)
-        if runner is not None and not runner.done():
-            runner.cancel()
+        """close_request: finish in-flight work (up to the grace), then close 1000; at once
+        while dialling or backing off. Returns once the agent has stopped."""
+        self.runtime.stop(self._now(), grace)
+        self.pump.service()
+        finished = self._finished
+        if finished is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(finished)
+        runner = self._runner
+        if runner is not None:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runner
 
 
-def connect(url: str, **options: Any) -> Agent:
-    """`async with connect(url, ...) as agent:`, or `async for conn in agent.connections()`."""
-    return Agent(url, **options)
+def connect(url: str, *, token: str, instance_id: str, dispatch_auth: DispatchAuthVerifier,
+            agent_type: str | None = None, ssl_context: ssl.SSLContext | None = None,
+            cafile: str | None = None, config: Config | None = None,
+            session: AgentSession | None = None,
+            token_provider: Callable[[], Awaitable[str]] | None = None,
+            allow_insecure_loopback: bool = False) -> Agent:
+    """`async with connect(url, ...) as agent:` (connected and ready), or `await agent.run()`."""
+    return Agent(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
+                 agent_type=agent_type, ssl_context=ssl_context, cafile=cafile, config=config,
+                 session=session, token_provider=token_provider,
+                 allow_insecure_loopback=allow_insecure_loopback)
 
 
 class AgentLink(AgentLinkBase["MeshServer", ProtocolLink]):

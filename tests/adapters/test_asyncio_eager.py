@@ -180,7 +180,7 @@ def test_a_coroutine_handler_cancelled_before_its_task_first_ran_answers_cancell
         await asyncio.wait([task], timeout=5)
         return answers
 
-    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [("send_cancelled",)]
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == [("cancelled",)]
 
 
 def test_a_coroutine_handler_that_answers_at_once_answers_before_start_handler_returns() -> None:
