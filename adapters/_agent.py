@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -70,7 +71,7 @@ class AgentDriver(Generic[TokenT]):
             url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
             agent_type=agent_type, config=config, session=session,
             token_refresher=token_provider is not None,
-            allow_insecure_loopback=allow_insecure_loopback)
+            allow_insecure_loopback=allow_insecure_loopback, wall_clock=time.time)
         self._ssl = client_ssl_context(ssl_context, cafile) if self.runtime.tls else None
         self._token_provider = token_provider
         self.link: Any = None

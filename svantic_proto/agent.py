@@ -24,7 +24,7 @@ from .backoff import Backoff, RetryDecision, classify_close, classify_handshake_
 from .codec import FrameFactory, encode_frame
 from .config import Config
 from .connection import _Connection
-from .errors import LocalProtocolError, RemoteProtocolError, SvanticError
+from .errors import LocalProtocolError, RemoteError, RemoteProtocolError
 from .events import (
     CloseRequested,
     DispatchCancelled,
@@ -236,7 +236,7 @@ class AgentConnection(_Connection):
                 return
         super().receive_eof(now)
 
-    def _handshake_failed(self, exc: SvanticError, now: float) -> None:
+    def _handshake_failed(self, exc: RemoteError, now: float) -> None:
         self._handshake = None
         self._close_error = exc
         self._move("upgrade_rejected")

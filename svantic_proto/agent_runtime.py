@@ -26,11 +26,9 @@ INFO line per connection state change, a WARNING with the traceback when a handl
 from __future__ import annotations
 
 import enum
-import logging
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from .agent import AgentConnection, AgentSession
@@ -68,7 +66,18 @@ __all__ = [
     "Stopped",
 ]
 
-log = logging.getLogger("svantic.agent")
+if TYPE_CHECKING:
+    import logging
+
+LOGGER_NAME = "svantic.agent"
+
+
+def _logger() -> logging.Logger:
+    """`svantic.agent`, imported when the first runtime is made: `logging` loads `threading`,
+    which the core must not import (gevent patches it first)."""
+    import logging  # noqa: PLC0415
+
+    return logging.getLogger(LOGGER_NAME)
 
 
 class AgentPhase(enum.Enum):
@@ -150,7 +159,7 @@ class AgentRuntime:
 
     `token_refresher` says whether the driver has a token provider: without one, a 401
     or `AUTH_EXPIRED` is retried with the same token. `wall_clock` gives Unix time to
-    the core (dispatch-auth `exp` checks); it is only read by the core's frame factory.
+    the core (frame `ts`, dispatch-auth `exp` checks): the driver passes `time.time`.
     """
 
     def __init__(self, url: str, *, token: str, instance_id: str,
@@ -158,7 +167,7 @@ class AgentRuntime:
                  config: Config | None = None, session: AgentSession | None = None,
                  capabilities: CapabilityRegistry | None = None,
                  token_refresher: bool = False, allow_insecure_loopback: bool = False,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float]) -> None:
         # A bad URL, token or instance id raises here, at once, not in the first attempt.
         build_upgrade_request(url, token=token, instance_id=instance_id,
                               allow_insecure_loopback=allow_insecure_loopback)
@@ -175,6 +184,7 @@ class AgentRuntime:
         self._token_refresher = token_refresher
         self._insecure = allow_insecure_loopback
         self._wall_clock = wall_clock
+        self._log = _logger()
         self.phase = AgentPhase.IDLE
         self.conn: AgentConnection | None = None
         """The current (or last) core connection; answers go through it or its outbox."""
@@ -233,9 +243,9 @@ class AgentRuntime:
         self._now = now
         if attempt != self._attempt or self.phase is not AgentPhase.DIALLING:
             return
-        level = logging.WARNING if failure is DialFailure.TLS else logging.INFO
-        log.log(level, "%s: dial %s:%d failed (%s): %s", self.instance_id, self.host, self.port,
-                failure.value, reason)
+        level = 30 if failure is DialFailure.TLS else 20  # WARNING for TLS: likely our setup
+        self._log.log(level, "%s: dial %s:%d failed (%s): %s", self.instance_id, self.host,
+                      self.port, failure.value, reason)
         self._back_off(now)
 
     def receive_data(self, data: bytes, now: float) -> None:
@@ -297,7 +307,7 @@ class AgentRuntime:
             else:
                 self._dial(now)
         elif phase is AgentPhase.STOPPING:
-            log.info("%s: the mesh did not close in time: dropping the connection",
+            self._log.info("%s: the mesh did not close in time: dropping the connection",
                      self.instance_id)
             self._actions.append(AbortTransport("stop timed out"))
             self._transport_open = False
@@ -311,7 +321,7 @@ class AgentRuntime:
             self.token = token
             self.session.token_refreshed = True
         else:
-            log.warning("%s: the token provider failed; retrying with the old token",
+            self._log.warning("%s: the token provider failed; retrying with the old token",
                         self.instance_id)
         if self._dial_after_token and self.phase is AgentPhase.BACKOFF:
             self._dial_after_token = False
@@ -337,7 +347,7 @@ class AgentRuntime:
         phase = self.phase
         if phase in (AgentPhase.STOPPING, AgentPhase.STOPPED):
             return
-        log.info("%s: stopping", self.instance_id)
+        self._log.info("%s: stopping", self.instance_id)
         if phase is AgentPhase.DIALLING:
             self._actions.append(AbortTransport("agent stopping"))
         if phase is not AgentPhase.CONNECTED:
@@ -367,7 +377,7 @@ class AgentRuntime:
         try:
             self._answer().send_result(dispatch_id, result)
         except LocalProtocolError as exc:  # not JSON: the core answered DISPATCH_FAILED
-            log.warning("%s: the result of %s is not JSON: %s", self.instance_id, dispatch_id,
+            self._log.warning("%s: the result of %s is not JSON: %s", self.instance_id, dispatch_id,
                         exc)
 
     def handler_raised(self, dispatch_id: str, exc: BaseException) -> None:
@@ -377,7 +387,7 @@ class AgentRuntime:
         self._cancel_sent.discard(dispatch_id)
         code, message, detail = handler_outcome(exc)
         if code == "DISPATCH_FAILED":
-            log.warning("%s: handler of %r raised (dispatch %s)", self.instance_id,
+            self._log.warning("%s: handler of %r raised (dispatch %s)", self.instance_id,
                         context.capability, dispatch_id, exc_info=exc)
         if dispatch_id in self.session.running:
             self._answer().send_error(dispatch_id, code, message, detail)
@@ -394,7 +404,7 @@ class AgentRuntime:
             if dispatch_id in self.session.running:
                 self._answer().send_cancelled(dispatch_id)
             return
-        log.warning("%s: handler of %r ended without an answer (dispatch %s)",
+        self._log.warning("%s: handler of %r ended without an answer (dispatch %s)",
                     self.instance_id, context.capability, dispatch_id)
         if dispatch_id in self.session.running:
             self._answer().send_error(dispatch_id, "DISPATCH_FAILED", "the handler gave no answer")
@@ -417,14 +427,14 @@ class AgentRuntime:
         self._attempt += 1
         self.phase = AgentPhase.DIALLING
         self._deadline = now + self.config.hello_timeout
-        log.info("%s: dialling %s (attempt %d)", self.instance_id, self.url, self._attempt)
+        self._log.info("%s: dialling %s (attempt %d)", self.instance_id, self.url, self._attempt)
         self._actions.append(Dial(self.host, self.port, self.tls, self._attempt))
 
     def _back_off(self, now: float) -> None:
         delay = self.session.next_delay()
         self.phase = AgentPhase.BACKOFF
         self._deadline = now + delay
-        log.info("%s: retrying in %.2f s", self.instance_id, delay)
+        self._log.info("%s: retrying in %.2f s", self.instance_id, delay)
 
     def _stopped(self, error: BaseException | None) -> None:
         self.phase = AgentPhase.STOPPED
@@ -434,7 +444,7 @@ class AgentRuntime:
                 self._cancel_sent.add(dispatch_id)
                 self._actions.append(CancelHandler(dispatch_id, "agent stopped"))
         if error is None:
-            log.info("%s: stopped", self.instance_id)
+            self._log.info("%s: stopped", self.instance_id)
         self._actions.append(Stopped(error))
 
     def _on_event(self, event: Event) -> None:
@@ -449,7 +459,7 @@ class AgentRuntime:
         elif kind is ConnectionClosed:
             self._connection_closed(event)  # type: ignore[arg-type]
         elif kind is CloseRequested:
-            log.info("%s: the mesh asked to close: %s", self.instance_id,
+            self._log.info("%s: the mesh asked to close: %s", self.instance_id,
                      event.reason or "no reason given")  # type: ignore[attr-defined]
         self._actions.append(event)
 
@@ -459,7 +469,7 @@ class AgentRuntime:
         conn = self._answer()
         if capability is None:
             code, message = refusal or ("INTERNAL", "")
-            log.debug("%s: dispatch %s refused: %s", self.instance_id, dispatch_id, code)
+            self._log.debug("%s: dispatch %s refused: %s", self.instance_id, dispatch_id, code)
             conn.send_error(dispatch_id, code, message)
             return
         if self.phase in (AgentPhase.STOPPING, AgentPhase.STOPPED):  # spec 3 close_request
@@ -473,7 +483,7 @@ class AgentRuntime:
         )
         self._running[dispatch_id] = context
         self.handler_runs += 1
-        log.debug("%s: dispatch %s: %s", self.instance_id, dispatch_id, event.capability)
+        self._log.debug("%s: dispatch %s: %s", self.instance_id, dispatch_id, event.capability)
         self._actions.append(StartHandler(dispatch_id, capability.handler, event.arguments,
                                           context))
 
@@ -488,21 +498,21 @@ class AgentRuntime:
     def _session_started(self, event: SessionStarted) -> None:
         self.last_started = event
         if event.resumed:
-            log.info("%s: connected (connection %s), resumed; replayed dispatches: %s",
+            self._log.info("%s: connected (connection %s), resumed; replayed dispatches: %s",
                      self.instance_id, event.connection_id,
                      ", ".join(event.replayed_dispatches) or "none")
         else:
-            log.info("%s: connected (connection %s)", self.instance_id, event.connection_id)
+            self._log.info("%s: connected (connection %s)", self.instance_id, event.connection_id)
 
     def _connection_closed(self, event: ConnectionClosed) -> None:
         self.last_closed = event
         now = self._now
         error = event.error
         if isinstance(error, HandshakeRejected):
-            log.info("%s: refused by the mesh: %d %s (%s)", self.instance_id, error.status,
+            self._log.info("%s: refused by the mesh: %d %s (%s)", self.instance_id, error.status,
                      error.code, error.message)
         else:
-            log.info("%s: connection closed with code %s%s", self.instance_id,
+            self._log.info("%s: connection closed with code %s%s", self.instance_id,
                      event.code if event.code is not None else "none (transport lost)",
                      f" ({event.reason})" if event.reason else "")
         if self.phase is AgentPhase.STOPPING:
@@ -514,7 +524,7 @@ class AgentRuntime:
         retry = event.retry
         if retry is RetryDecision.FINAL:
             final = error or DispatchError("", "CONNECTION_CLOSED", event.reason)
-            log.warning("%s: giving up: %s", self.instance_id, final)
+            self._log.warning("%s: giving up: %s", self.instance_id, final)
             self._stopped(final)
             return
         if retry is RetryDecision.REFRESH_TOKEN_THEN_RETRY and self._token_refresher:

@@ -42,7 +42,7 @@ import msgspec
 from msgspec import UNSET, UnsetType
 
 from ._jws import HS256Signer, b64url_decode, b64url_encode, has_duplicate_keys, hs256_payload
-from .errors import LocalProtocolError, SvanticError
+from .errors import DispatchAuthError, LocalProtocolError  # the former re-exported here
 from .frames import SvanticJwtAuth
 
 if TYPE_CHECKING:
@@ -111,28 +111,6 @@ class DispatchAuthFailure(StrEnum):
     NOT_YET_VALID = "not_yet_valid"
     """A foreign minter's `nbf` is still in the future."""
     SECRET_MISMATCH = "secret_mismatch"
-
-
-class DispatchAuthError(SvanticError):
-    """A dispatch's auth envelope is missing or does not verify (spec section 7).
-
-    Answer the dispatch with `error`/`DISPATCH_AUTH_FAILED`, keep the socket open, and do
-    not run the handler. `reason` is a `DispatchAuthFailure`; the message says what was
-    wrong and never contains the secret or the token.
-    """
-
-    code = "DISPATCH_AUTH_FAILED"
-
-    def __init__(self, reason: DispatchAuthFailure, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-    def __reduce__(self) -> tuple[type[DispatchAuthError], tuple[DispatchAuthFailure, str]]:
-        return (type(self), (self.reason, self.message))
-
-    def __repr__(self) -> str:
-        return f"DispatchAuthError({self.reason.value!r}, {self.message!r})"
 
 
 class DispatchClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=False):

@@ -87,7 +87,7 @@ class CapabilityRegistry:
             raise LocalProtocolError(f"the handler of {name!r} is not callable")
         validator = None
         if parameters is not None:
-            import jsonschema  # a well-kept validator beats a hand-written one
+            import jsonschema  # noqa: PLC0415  # lazily: it is slow to import and loads threading
 
             cls = jsonschema.validators.validator_for(parameters)
             try:

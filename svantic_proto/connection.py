@@ -19,7 +19,7 @@ from typing import Any
 from .backoff import RetryDecision
 from .codec import FrameFactory, decode_frame, encode_frame
 from .config import Config
-from .errors import FrameError, InvalidState, LocalProtocolError, RemoteProtocolError, SvanticError
+from .errors import FrameError, InvalidState, LocalProtocolError, RemoteError, RemoteProtocolError
 from .events import ConnectionClosed, ErrorReceived, Event, ExtensionUnsupported
 from .frames import Error, ErrorPayload, Frame
 from .framing import (
@@ -119,7 +119,7 @@ class _Connection:
         )
         self._extensions_sent: dict[str, str] = {}  # frame id -> type, for downgrade (spec 3)
         self._extensions_off: set[str] = set()
-        self._close_error: SvanticError | None = None
+        self._close_error: RemoteError | None = None
         self._closed_reported = False
         self._transport_closed = False
 

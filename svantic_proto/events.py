@@ -13,7 +13,7 @@ from typing import Any
 from msgspec import Struct
 
 from .backoff import RetryDecision
-from .errors import SvanticError
+from .errors import RemoteError
 from .frames import SessionContext
 from .handshake import UpgradeRequested
 from .trace import SessionTraceContext, trace_context_from_headers
@@ -202,11 +202,16 @@ class ConnectionClosed(Event, frozen=True):
     `code` is the WebSocket close code (None: the transport ended without a
     close frame, or the handshake failed). `retry` is what the client should do
     next (spec 5); the mesh side always reports FINAL. `error` keeps the cause.
+
+    `error` is a `RemoteError` (one `isinstance` handles every cause) or None for an
+    orderly close: the core records there only what the peer or the network did (a
+    bad frame, a refused or broken handshake, a silent peer), because your own misuse
+    is raised at the call that made it and never ends a connection by itself.
     """
 
     code: int | None
     reason: str
     by_peer: bool
     retry: RetryDecision
-    error: SvanticError | None = None
+    error: RemoteError | None = None
     in_flight: tuple[str, ...] = ()

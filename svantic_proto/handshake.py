@@ -19,17 +19,31 @@ import ipaddress
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 import h11
 
-from .errors import InvalidState, LocalProtocolError, RemoteProtocolError, SvanticError
+from .errors import (
+    DeploymentModeMismatch,
+    HandshakeFailed,
+    HandshakeRejected,
+    InsecureTransportError,
+    InstanceNotFound,
+    InvalidState,
+    LocalProtocolError,
+    MissingInstanceId,
+    TenantMismatch,
+    Unauthorized,
+    UnsupportedSubprotocol,
+    UpgradeRequired,
+)
 
 __all__ = [
     "CONNECT_PATH",
+    "DEPLOYMENT_MODES",
     "MAX_REJECTION_BODY_BYTES",
     "SUBPROTOCOL",
     "Accept",
@@ -83,69 +97,7 @@ def websocket_accept_key(key: str | bytes) -> str:
     return base64.b64encode(hashlib.sha1(raw + _WEBSOCKET_GUID).digest()).decode("ascii")
 
 
-# -- errors ---------------------------------------------------------------------
-
-
-class InsecureTransportError(LocalProtocolError):
-    """A `ws://` URL without the loopback opt-in (section 1: clients use `wss://`)."""
-
-    code = "INSECURE_TRANSPORT"
-
-
-class HandshakeFailed(RemoteProtocolError):
-    """The server's answer is not a valid HTTP response or not a valid 101 for us.
-
-    A broken or hostile peer (or a proxy in the way): retry with backoff (section 5).
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, code="HANDSHAKE_FAILED", close_code=None)
-
-
-class HandshakeRejected(SvanticError):
-    """The server answered the upgrade with an HTTP error (section 1 table).
-
-    `code` comes from the JSON body `{"error": {"code", "message"}}`, or is
-    `HTTP_<status>` when the body is not that shape. Section 5 says which
-    statuses are retried: 400, 403, 404 and 409 are not; 401 gets a fresh token once.
-    """
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(status={self.status}, code={self.code!r})"
-
-
-class MissingInstanceId(HandshakeRejected):
-    """400: the URL has no `instance_id` query parameter (or it is empty)."""
-
-
-class UnsupportedSubprotocol(HandshakeRejected):
-    """400: the request did not offer `svantic.v1`."""
-
-
-class Unauthorized(HandshakeRejected):
-    """401: the JWT is missing, malformed, badly signed or expired: get a fresh token."""
-
-
-class TenantMismatch(HandshakeRejected):
-    """403: the instance exists but belongs to another tenant than the JWT's."""
-
-
-class InstanceNotFound(HandshakeRejected):
-    """404: no instance is registered with this id: register it first (section 6)."""
-
-
-class DeploymentModeMismatch(HandshakeRejected):
-    """409: the instance is registered as `hosted`, so it cannot connect a socket."""
-
-
-class UpgradeRequired(HandshakeRejected):
-    """426: the server saw no WebSocket upgrade (often a proxy dropping the headers)."""
+# -- errors (defined in errors.py, re-exported here) ---------------------------------
 
 
 _REJECTION_CLASSES: dict[str, type[HandshakeRejected]] = {
@@ -722,32 +674,55 @@ def _header_tokens(
 
 
 class TenantClaims(Protocol):
-    """What `check_upgrade()` needs from verified transport JWT claims (section 1)."""
+    """What `check_upgrade()` needs from verified transport JWT claims (section 1).
+
+    A `Mapping` with a `"tenant_id"` key (what PyJWT's `jwt.decode` returns) works too.
+    """
 
     @property
     def tenant_id(self) -> str: ...
 
 
+DEPLOYMENT_MODES = ("connected", "hosted")
+"""Section 6: how an instance is registered; only `connected` instances open a socket."""
+
+
 @dataclass(frozen=True, slots=True)
 class InstanceRecord:
-    """A registered instance as the upgrade checks see it (section 6 registration)."""
+    """A registered instance as the upgrade checks see it (section 6 registration).
+
+    `deployment_mode` is `"connected"` or `"hosted"`; anything else raises
+    `LocalProtocolError` here, so a typo cannot pass the 409 check unnoticed.
+    """
 
     instance_id: str
     tenant_id: str
     deployment_mode: str
     agent_type: str
 
+    def __post_init__(self) -> None:
+        if self.deployment_mode not in DEPLOYMENT_MODES:
+            raise LocalProtocolError(
+                f"InstanceRecord.deployment_mode must be 'connected' or 'hosted', "
+                f"not {self.deployment_mode!r}"
+            )
 
-ClaimsT = TypeVar("ClaimsT", bound=TenantClaims)
+
+ClaimsT = TypeVar("ClaimsT", bound="TenantClaims | Mapping[str, Any]")
 
 
 @dataclass(frozen=True, slots=True)
 class Accept(Generic[ClaimsT]):
-    """Every section 1 check passed: call `ServerHandshake.accept()`."""
+    """Every section 1 check passed: call `ServerHandshake.accept()`.
+
+    `claims` is what `verify_token` returned (an object or a mapping); `record` is the
+    `InstanceRecord` the checks looked up, so the caller need not look it up again.
+    """
 
     instance_id: str
     tenant_id: str
     claims: ClaimsT
+    record: InstanceRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -772,6 +747,10 @@ def check_upgrade(
 
     `verify_token` returns the claims, or None / raises (any exception) for a
     token that is malformed, badly signed or expired: all 401, failing closed.
+    The claims are an object with a `tenant_id` attribute or a `Mapping` with a
+    `"tenant_id"` key (as `jwt.decode` returns); claims without a non-empty string
+    tenant are 401, and a return value that is neither shape is a bug in the verifier:
+    `LocalProtocolError`, so it cannot pass for an invalid token on every upgrade.
     `lookup_instance` runs only for an authenticated request; its own errors
     propagate (an outage is not a rejection). 403 needs an existing instance, so
     an unknown id is 404 even though the table lists 403 first.
@@ -792,7 +771,7 @@ def check_upgrade(
         claims = verify_token(token)
     except Exception:  # fail closed: whatever the verifier raised, the token is refused
         claims = None
-    tenant_id = getattr(claims, "tenant_id", None) if claims is not None else None
+    tenant_id = _claimed_tenant(claims) if claims is not None else None
     if claims is None or not isinstance(tenant_id, str) or not tenant_id:
         return Reject(
             401, "UNAUTHORIZED", "the token is invalid or expired: get a fresh one (section 6)"
@@ -810,4 +789,20 @@ def check_upgrade(
             "DEPLOYMENT_MODE_MISMATCH",
             "the instance is registered as hosted: register it as connected to use a socket",
         )
-    return Accept(instance_id=instance_id, tenant_id=tenant_id, claims=claims)
+    return Accept(instance_id=instance_id, tenant_id=tenant_id, claims=claims, record=record)
+
+
+def _claimed_tenant(claims: object) -> object:
+    """The `tenant_id` of verified claims: a mapping's key or an object's attribute."""
+    if isinstance(claims, Mapping):
+        return claims.get("tenant_id")
+    tenant_id = getattr(claims, "tenant_id", _NO_TENANT)
+    if tenant_id is _NO_TENANT:
+        raise LocalProtocolError(
+            f"verify_token returned a {type(claims).__name__}: return claims with a "
+            "tenant_id attribute or a Mapping with a 'tenant_id' key, or None to refuse"
+        )
+    return tenant_id
+
+
+_NO_TENANT = object()

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from .errors import SvanticError
+from .errors import TimestampError  # defined there, re-exported here
 
 __all__ = [
     "IdFactory",
@@ -35,12 +35,6 @@ _VARIANT_CLEAR = int.from_bytes(b"\x3f" + b"\xff" * 7, "big")
 _VARIANT_SET = int.from_bytes(b"\x80" + b"\x00" * 7, "big")
 _VARIANT_CLEAR = sum(_VARIANT_CLEAR << (64 * i) for i in range(_POOL_BYTES // 8))
 _VARIANT_SET = sum(_VARIANT_SET << (64 * i) for i in range(_POOL_BYTES // 8))
-
-
-class TimestampError(SvanticError, ValueError):
-    """A timestamp is not RFC 3339 as svantic.v1 restricts it (spec section 2)."""
-
-    code = "BAD_TIMESTAMP"
 
 
 def is_canonical_uuid(value: object) -> bool:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from msgspec.json import encode as json_encode
 from msgspec.structs import replace
 
 from .auth import AsymmetricDispatchAuthMinter, DispatchAuthMinter
@@ -171,6 +172,9 @@ class _Outbound:
     deadline_at: float
     next_seq: int = 0
     pending: dict[int, Any] = field(default_factory=dict)
+    """Out-of-order chunks by `seq`: `(data, size)`, size being the data's JSON length."""
+    pending_bytes: int = 0
+    """The sum of the sizes in `pending`, held to `Config.max_pending_chunk_bytes`."""
 
 
 class MeshConnection(_Connection):
@@ -261,15 +265,22 @@ class MeshConnection(_Connection):
         """Upgrade (101) after the spec 1 checks passed; then call `data_to_send()`.
 
         `token_expires_at` (wall time) arms `AUTH_EXPIRED` + 1008 when the transport
-        JWT runs out (spec 4); `agent_type` goes into dispatch-auth claims.
+        JWT runs out (spec 4); `agent_type` goes into dispatch-auth claims. From a
+        `decision`, the defaults are its claims' `exp` and `sub` (attributes, or keys of
+        a mapping such as `jwt.decode` returns) and its record's `agent_type`.
         """
         self._require(MeshState.UPGRADE_PENDING, action="accept")
         if decision is not None:
             instance_id = instance_id or decision.instance_id
             tenant_id = tenant_id or decision.tenant_id
             claims = decision.claims
-            token_expires_at = token_expires_at or getattr(claims, "exp", None)
-            subject = subject or getattr(claims, "sub", None)
+            if isinstance(claims, Mapping):
+                exp, sub = claims.get("exp"), claims.get("sub")
+            else:
+                exp, sub = getattr(claims, "exp", None), getattr(claims, "sub", None)
+            token_expires_at = token_expires_at or exp
+            subject = subject or sub
+            agent_type = agent_type or decision.record.agent_type
         if not instance_id or tenant_id is None:
             raise LocalProtocolError("accept needs the instance id and the tenant id")
         self.instance_id, self.tenant_id, self.subject = instance_id, tenant_id, subject
@@ -409,11 +420,17 @@ class MeshConnection(_Connection):
         if seq < outbound.next_seq or seq in outbound.pending:
             self.stats.duplicate_chunks += 1  # resent after resume (spec 3)
             return
-        if seq > outbound.next_seq:
+        if seq > outbound.next_seq:  # off the hot path: in-order chunks never come here
             if len(outbound.pending) >= self.config.max_pending_chunks:
                 self._violation("too many chunks out of order", frame.id, now)
                 return
-            outbound.pending[seq] = frame.payload.data
+            data = frame.payload.data
+            size = len(json_encode(data))  # decoded from JSON, so it always encodes
+            if outbound.pending_bytes + size > self.config.max_pending_chunk_bytes:
+                self._violation("too many bytes in chunks out of order", frame.id, now)
+                return
+            outbound.pending[seq] = (data, size)
+            outbound.pending_bytes += size
             return
         self._events.append(ChunkReceived(frame.in_reply_to, seq, frame.payload.data))
         outbound.next_seq = seq + 1
@@ -429,7 +446,9 @@ class MeshConnection(_Connection):
                 if not all_of_them:
                     return
                 seq = min(pending)  # the terminal frame came: deliver what we have, in order
-            self._events.append(ChunkReceived(dispatch_id, seq, pending.pop(seq)))
+            data, size = pending.pop(seq)
+            outbound.pending_bytes -= size
+            self._events.append(ChunkReceived(dispatch_id, seq, data))
             outbound.next_seq = seq + 1
 
     def _end(self, dispatch_id: str) -> _Outbound | None:

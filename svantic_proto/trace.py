@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote, unquote
 
-from .errors import LocalProtocolError, SvanticError
+from .errors import LocalProtocolError, TraceContextError  # the latter re-exported here
 
 __all__ = [
     "BAGGAGE_MAX_BYTES",
@@ -41,20 +41,6 @@ __all__ = [
     "parse_traceparent",
     "trace_context_from_headers",
 ]
-
-
-class TraceContextError(SvanticError):
-    """A `traceparent` or `baggage` value breaks the W3C grammar.
-
-    Raised only by the strict parsers; `trace_context_from_headers` swallows it,
-    because a bad trace header must not fail a dispatch (spec sections 3 and 8).
-    """
-
-    code = "INVALID_TRACE_CONTEXT"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
 
 
 # --------------------------------------------------------------------------- traceparent

@@ -581,7 +581,8 @@ def test_instance_is_not_looked_up_for_an_unauthenticated_request() -> None:
 def test_all_checks_passing_accepts_with_the_claims() -> None:
     decision = decide(raw_request())
     assert decision == Accept(
-        instance_id="inst-1", tenant_id="tenant-a", claims=Claims("client-1", "tenant-a")
+        instance_id="inst-1", tenant_id="tenant-a", claims=Claims("client-1", "tenant-a"),
+        record=REGISTRY["inst-1"],
     )
 
 
