@@ -23,7 +23,6 @@ from svantic_proto.agent_runtime import Dial, StartHandler
 from svantic_proto.events import Event
 
 from ._pump import Pump
-from ._runtime import AgentLinkBase, MeshBase
 from ._tls import TlsError, TlsSession
 
 __all__ = ["WRITE_BUFFER_LIMIT", "ProtocolLink", "dial", "dispatch", "listen", "spawn_handler",
@@ -57,15 +56,17 @@ class ProtocolLink(asyncio.Protocol):
     the core closed it or the transport was lost.
     """
 
-    __slots__ = ("_config", "_done", "_ended", "_on_done", "_on_open", "_timer", "_tls",
+    __slots__ = ("_config", "_done", "_ended", "_on_done", "_on_made", "_on_open", "_timer", "_tls",
                  "_writable", "loop", "pump", "transport")
 
     def __init__(self, tls: TlsSession | None, config: Config, on_open: OpenCallback,
-                 on_done: Callable[[ProtocolLink], None] | None = None) -> None:
+                 on_done: Callable[[ProtocolLink], None] | None = None,
+                 on_made: Callable[[ProtocolLink], bool] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.pump = _UNATTACHED
         self.transport: asyncio.Transport | None = None
         self._tls, self._config, self._on_done = tls, config, on_done
+        self._on_made = on_made  # the mesh's admission of a fresh transport
         self._on_open: OpenCallback | None = on_open  # dropped once open
         self._timer: asyncio.TimerHandle | None = None
         self._done: asyncio.Event | None = None  # made when first awaited: idle links need none
@@ -119,6 +120,10 @@ class ProtocolLink(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self._on_made is not None and not self._on_made(self):
+            self._on_open = None
+            self.transport.abort()
+            return
         if self._tls is None:
             self._opened()
         else:  # spec 4: a peer that never finishes the TLS handshake is dropped
@@ -284,14 +289,18 @@ def dial(agent: Any, dial: Dial, link_class: Callable[..., LinkT]) -> asyncio.Ta
     return loop.create_task(connect())
 
 
-async def listen(server: MeshBase[Any, Any], link_class: Callable[..., ProtocolLink], host: str,
+async def listen(server: Any, link_class: Callable[..., ProtocolLink], host: str,
                  port: int) -> tuple[asyncio.Server, tuple[str, int]]:
-    """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
-    callbacks = (functools.partial(accept_link, server), server.links.discard)  # made once
+    """Listen on plain TCP (a large backlog, for reconnect storms) for a `MeshDriver`;
+    TLS is each link's."""
+
+    def opened(link: ProtocolLink, error: BaseException | None) -> None:
+        if error is None:  # a failed TLS handshake never reaches the core
+            server._opened(link)
 
     def new_link() -> ProtocolLink:
         tls = TlsSession(server._ssl, server_side=True) if server._ssl is not None else None
-        return link_class(tls, server.config, *callbacks)
+        return link_class(tls, server.config, opened, server._closed, server._accepted)
 
     listener = await asyncio.get_running_loop().create_server(
         new_link, host, port, backlog=server.backlog)
@@ -410,30 +419,18 @@ def spawn_handler(agent: Any, start: StartHandler) -> None:
         task.add_done_callback(lambda _: handlers.pop(dispatch_id, None))
 
 
-def accept_link(server: MeshBase[Any, Any], link: ProtocolLink,
-                error: BaseException | None) -> None:
-    """A transport is ready (TLS done): give it a core connection, unless over the cap.
-    A failed TLS handshake never reaches the core."""
-    if error is not None:
-        return
-    if len(server.links) >= server.max_connections:
-        link.abort()
-        return
-    server._open_link(link.attach)
-    link.service()
-
-
-async def dispatch(agent_link: AgentLinkBase[Any, Any], capability: str,
-                   arguments: Mapping[str, Any] | None, deadline_ms: int,
-                   on_chunk: Callable[[Any], object] | None) -> Any:
-    """Send a dispatch to the agent on `agent_link` and await its outcome (a future)."""
-    link: ProtocolLink = agent_link.link
-    future: asyncio.Future[Any] = link.loop.create_future()
-    dispatch_id = agent_link._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
-                                            waiter=future, on_chunk=on_chunk, now=link.loop.time())
-    if link.paused:  # backpressure, not memory growth
-        await link.drain(WRITE_BUFFER_LIMIT // 4)
+async def dispatch(server: Any, instance_id: str, capability: str,
+                   arguments: Mapping[str, Any] | None, *, deadline_ms: int,
+                   on_chunk: Callable[[Any], object] | None, task_id: str | None,
+                   session_context: Any) -> Any:
+    """Send a dispatch through a `MeshDriver` and await its outcome (a future)."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    dispatch_id, link = server._send(instance_id, capability, arguments,
+                                     deadline_ms=deadline_ms, waiter=future, on_chunk=on_chunk,
+                                     task_id=task_id, session_context=session_context)
     try:
+        if link.paused:  # backpressure, not memory growth
+            await link.drain(WRITE_BUFFER_LIMIT // 4)
         return await future
     finally:
-        agent_link.server.waiters.discard(dispatch_id)
+        server.runtime.discard(dispatch_id)

@@ -9,20 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
-from svantic_proto import AgentSession, Config, DispatchAuthVerifier, LocalProtocolError
+from svantic_proto import (
+    AgentSession,
+    Config,
+    DispatchAuthVerifier,
+    LocalProtocolError,
+    ResumeStore,
+)
 from svantic_proto.agent_runtime import Dial, StartHandler
 from svantic_proto.capabilities import DispatchContext
 from svantic_proto.errors import DispatchError, HandlerError
+from svantic_proto.frames import SessionContext
+from svantic_proto.mesh import MintDispatchAuth
+from svantic_proto.mesh_runtime import AdmissionNeeded
 
 from . import _protocol
 from ._agent import AgentDriver
+from ._mesh import AgentHandle, MeshDriver
 from ._protocol import WRITE_BUFFER_LIMIT, ProtocolLink, dispatch, listen
-from ._runtime import AgentLinkBase, MeshBase
 
 __all__ = [
     "WRITE_BUFFER_LIMIT",
@@ -172,8 +182,10 @@ def connect(url: str, *, token: str, instance_id: str, dispatch_auth: DispatchAu
                  allow_insecure_loopback=allow_insecure_loopback)
 
 
-class AgentLink(AgentLinkBase["MeshServer", ProtocolLink]):
-    """The mesh's handle on one connected agent: send dispatches, await their outcome."""
+class AgentLink(AgentHandle[ProtocolLink]):
+    """The mesh's handle on one connected agent."""
+
+    __slots__ = ()
 
     async def wait_closed(self) -> None:
         """Until this agent's connection has ended."""
@@ -181,26 +193,76 @@ class AgentLink(AgentLinkBase["MeshServer", ProtocolLink]):
 
     async def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
                        deadline_ms: int = 30_000,
-                       on_chunk: Callable[[Any], object] | None = None) -> Any:
-        """Send a dispatch and return its result; raise `DispatchError` on failure."""
-        return await dispatch(self, capability, arguments, deadline_ms, on_chunk)
+                       on_chunk: Callable[[Any], object] | None = None,
+                       task_id: str | None = None,
+                       session_context: SessionContext | None = None) -> Any:
+        """Send a dispatch to this agent's instance; raise `DispatchError` on failure."""
+        return await self.server.dispatch(
+            self.instance_id, capability, arguments, deadline_ms=deadline_ms,
+            on_chunk=on_chunk, task_id=task_id, session_context=session_context)
 
 
-class MeshServer(MeshBase[AgentLink, ProtocolLink]):
+class MeshServer(MeshDriver[ProtocolLink]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
-    `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
-    `sub`) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None.
+    `verify_token(token)` returns claims with `tenant_id` (an object or a mapping) or
+    raises; `lookup_instance(id)` returns an `InstanceRecord` or None; either may be a
+    coroutine function.
     """
 
-    def _init_adapter(self) -> None:
-        self.agent_connected = asyncio.Condition()
+    def __init__(self, *, ssl_context: ssl.SSLContext | None,
+                 verify_token: Callable[[str], Any], lookup_instance: Callable[[str], Any],
+                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
+                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
+                 max_handshakes: int = 1024, backlog: int = 4096) -> None:
+        super().__init__(ssl_context=ssl_context, verify_token=verify_token,
+                         lookup_instance=lookup_instance, dispatch_auth=dispatch_auth,
+                         config=config, resume_store=resume_store,
+                         max_connections=max_connections, max_handshakes=max_handshakes,
+                         backlog=backlog)
         self._server: asyncio.Server | None = None
-        self._store_timer: asyncio.TimerHandle | None = None
-        self._notify_task: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._arrived = asyncio.Event()
+        self._shut: asyncio.Event | None = None
 
-    def _clock(self) -> float:
+    def _now(self) -> float:
         return asyncio.get_running_loop().time()
+
+    def _arm(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._fire)
+
+    def _new_handle(self, link: ProtocolLink) -> AgentLink:
+        return AgentLink(self, link)
+
+    def _admit_async(self, action: AdmissionNeeded[Any], claims: Any, record: Any) -> None:
+        asyncio.get_running_loop().create_task(self._admission(action, claims, record))
+
+    async def _admission(self, action: AdmissionNeeded[Any], claims: Any, record: Any) -> None:
+        try:
+            if inspect.isawaitable(claims):
+                claims = await claims
+            if record is None and action.instance_id is not None:
+                record = self._lookup(action.instance_id)
+            if inspect.isawaitable(record):
+                record = await record
+        except Exception as exc:  # the runtime tells 401 from 503
+            if claims is None or inspect.isawaitable(claims):
+                claims = exc
+            else:
+                record = exc
+        self._admitted(action, claims, record)
+
+    def _agent_arrived(self) -> None:
+        arrived, self._arrived = self._arrived, asyncio.Event()
+        arrived.set()
+
+    def _shutdown_complete(self) -> None:
+        if self._shut is not None:
+            self._shut.set()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
@@ -208,46 +270,31 @@ class MeshServer(MeshBase[AgentLink, ProtocolLink]):
         return address
 
     async def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> AgentLink:
-        async def ready() -> AgentLink:
-            async with self.agent_connected:
-                await self.agent_connected.wait_for(lambda: instance_id in self.agents)
-                return self.agents[instance_id]
-        return await asyncio.wait_for(ready(), timeout)
+        """The handle of `instance_id` once its session started; TimeoutError otherwise."""
+        async with asyncio.timeout(timeout):
+            while (agent := self.agents.get(instance_id)) is None:
+                await self._arrived.wait()
+        return cast(AgentLink, agent)
 
     async def dispatch(self, instance_id: str, capability: str,
-                       arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
-        return await self._available_agent(instance_id).dispatch(capability, arguments, **options)
-
-    def _new_agent_link(self, link: ProtocolLink) -> AgentLink:
-        return AgentLink(self, link)
-
-    def _agent_arrived(self) -> None:
-        self._notify_task = asyncio.ensure_future(self._notify())
-
-    async def _notify(self) -> None:
-        async with self.agent_connected:
-            self.agent_connected.notify_all()
-
-    def _arm_store_timer(self) -> None:
-        if self._store_timer is not None:
-            self._store_timer.cancel()
-        deadline = self.store.next_deadline()
-        if deadline is not None:
-            loop = asyncio.get_running_loop()
-            self._store_timer = loop.call_at(deadline, lambda: self._expire_store(loop.time()))
+                       arguments: Mapping[str, Any] | None = None, *,
+                       deadline_ms: int = 30_000,
+                       on_chunk: Callable[[Any], object] | None = None,
+                       task_id: str | None = None,
+                       session_context: SessionContext | None = None) -> Any:
+        """Send a dispatch and return its result; raise `DispatchError` on failure."""
+        return await dispatch(self, instance_id, capability, arguments, deadline_ms=deadline_ms,
+                              on_chunk=on_chunk, task_id=task_id,
+                              session_context=session_context)
 
     async def close(self, grace: float | None = None) -> None:
         """Graceful shutdown: close_request to every agent, wait the grace, 1001 for the rest."""
         if self._server is not None:
             self._server.close()
-        grace = self._request_close_all(grace)
-        pending = [asyncio.ensure_future(link.done.wait()) for link in self.links]
-        if pending:
-            await asyncio.wait(pending, timeout=grace + self.config.close_timeout)
-        self._close_all()
-        if self._store_timer is not None:
-            self._store_timer.cancel()
-        self.waiters.fail_all("AGENT_DISCONNECTED", "mesh shut down")
+        if self._shut is None:
+            self._shut = asyncio.Event()
+            self._begin_close(grace)
+        await self._shut.wait()
+        self._arm(None)
         if self._server is not None:
             await self._server.wait_closed()
-

@@ -1,0 +1,265 @@
+"""What every driver's `MeshServer` shares: the mesh runtime, one pump per transport, and
+the runtime's actions handed to the driver's own I/O and concurrency.
+
+The decisions (admission, handshake bounds and timeouts, the instance table, waiters,
+resume, shutdown steps) are the `MeshRuntime`'s; this module routes its actions. A driver
+supplies how to listen, how to wait, one timer, and how to look an upgrade up when the
+application's lookups are coroutines.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+from svantic_proto import Config, InstanceRecord, ResumeStore
+from svantic_proto.events import Event
+from svantic_proto.mesh import MintDispatchAuth
+from svantic_proto.mesh_runtime import (
+    AdmissionNeeded,
+    AgentArrived,
+    DropLink,
+    MeshRuntime,
+    ServiceLink,
+    ShutdownComplete,
+    Waiter,
+)
+
+from ._pump import Pump
+
+__all__ = ["AgentHandle", "MeshDriver"]
+
+log = logging.getLogger("svantic.mesh")
+LinkT = TypeVar("LinkT")
+
+
+class AgentHandle(Generic[LinkT]):
+    """The mesh's handle on one connected agent's transport."""
+
+    __slots__ = ("link", "server")
+
+    def __init__(self, server: Any, link: LinkT) -> None:
+        self.server, self.link = server, link
+
+    @property
+    def conn(self) -> Any:
+        return self.link.pump.conn  # type: ignore[attr-defined]
+
+    @property
+    def instance_id(self) -> str | None:
+        conn = self.conn
+        return conn.instance_id if conn is not None else None
+
+
+class MeshDriver(Generic[LinkT]):
+    """A mesh endpoint serving `GET /agents/connect` (spec 1-5): runtime actions to hooks.
+
+    `verify_token(token)` returns claims with `tenant_id` (an object, or the mapping PyJWT
+    returns) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None. On the
+    async drivers either may be a coroutine function.
+    """
+
+    def __init__(self, *, ssl_context: ssl.SSLContext | None,
+                 verify_token: Callable[[str], Any],
+                 lookup_instance: Callable[[str], Any],
+                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
+                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
+                 max_handshakes: int = 1024, backlog: int = 4096) -> None:
+        self._ssl = ssl_context
+        self._verify, self._lookup = verify_token, lookup_instance
+        self.runtime: MeshRuntime[Any] = MeshRuntime(
+            dispatch_auth=dispatch_auth, wall_clock=time.time, config=config,
+            resume_store=resume_store, verify_token=self._verify_refresh,
+            max_connections=max_connections, max_handshakes=max_handshakes)
+        self.backlog = backlog
+        self.links: set[LinkT] = set()
+        """Every transport the runtime knows of (handshakes and sessions)."""
+        self._handles: dict[LinkT, AgentHandle[LinkT]] = {}
+        self._deadline: float | None = None
+        self.on_event: Callable[[Any, Event], None] | None = None
+        """Told every core event with the agent's handle, for metrics and the application."""
+
+    @property
+    def config(self) -> Config:
+        return self.runtime.config
+
+    @property
+    def store(self) -> ResumeStore:
+        return self.runtime.store
+
+    @property
+    def max_connections(self) -> int:
+        return self.runtime.max_connections
+
+    @property
+    def agents(self) -> Mapping[str, Any]:
+        """Instance id -> the handle of its running session."""
+        handles = self._handles
+        return {iid: handles[link] for iid, link in self.runtime.agents.items()
+                if link in handles}
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def _now(self) -> float:
+        raise NotImplementedError
+
+    def _arm(self, deadline: float | None) -> None:
+        """Move the one timer; when it fires, call `_fire()`."""
+        raise NotImplementedError
+
+    def _new_handle(self, link: LinkT) -> AgentHandle[LinkT]:
+        return AgentHandle(self, link)
+
+    def _admit_async(self, action: AdmissionNeeded[Any], claims: Any, record: Any) -> None:
+        """A lookup returned an awaitable: await it (and the rest) in the driver's concurrency,
+        then `_admitted(...)`."""
+        raise NotImplementedError
+
+    def _agent_arrived(self) -> None:
+        raise NotImplementedError
+
+    def _shutdown_complete(self) -> None:
+        raise NotImplementedError
+
+    # -- transports ------------------------------------------------------------------------
+
+    def _accepted(self, link: LinkT) -> bool:
+        """TCP accepted: False when the link itself must go (over the bound, or closing)."""
+        self.links.add(link)
+        keep = True
+        for dropped in self.runtime.transport_accepted(link, self._now()):
+            if dropped is link:
+                keep = False
+            else:
+                dropped.abort()  # type: ignore[attr-defined]
+        if not keep:
+            self.links.discard(link)
+        self._service()
+        return keep
+
+    def _opened(self, link: LinkT) -> None:
+        """TLS done (or none): the core connection and this link's pump."""
+        conn = self.runtime.open_connection(link, self._now())
+        runtime = self.runtime
+        self._handles[link] = handle = self._new_handle(link)
+
+        def on_event(event: Event) -> None:
+            runtime.connection_events(link, [event], self._now())
+            actions = runtime.take_actions()
+            if actions:
+                self._perform(actions)
+                self._service()
+            if self.on_event is not None:
+                try:
+                    self.on_event(handle, event)
+                except Exception:  # an application callback must not take the mesh down
+                    log.exception("on_event failed")
+
+        link.pump = Pump(conn, on_event=on_event, write=link.write,  # type: ignore[attr-defined]
+                         close=link.close,  # type: ignore[attr-defined]
+                         arm_timer=lambda deadline: self._schedule(link, deadline))
+        link.pump.service()  # type: ignore[attr-defined]
+        self._service()
+
+    def _closed(self, link: LinkT) -> None:
+        """The transport is gone, whatever the reason."""
+        self.links.discard(link)
+        self._handles.pop(link, None)
+        self.runtime.transport_closed(link, self._now())
+        self._service()
+
+    def _schedule(self, link: LinkT, deadline: float | None) -> None:
+        self.runtime.schedule(link, deadline)
+        self._rearm()
+
+    # -- the runtime's actions -------------------------------------------------------------
+
+    def _service(self) -> None:
+        """Perform what the runtime asks, until it asks nothing; then move the one timer."""
+        runtime = self.runtime
+        while actions := runtime.take_actions():
+            self._perform(actions)
+        self._rearm()
+
+    def _perform(self, actions: list[Any]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is ServiceLink:
+                action.link.pump.service()
+            elif kind is DropLink:  # with TLS up, its close_notify first (bounded in time)
+                link = action.link
+                link.close() if link in self._handles else link.abort()
+            elif kind is AdmissionNeeded:
+                self._admit(action)
+            elif kind is AgentArrived:
+                self._agent_arrived()
+            elif kind is ShutdownComplete:
+                self._shutdown_complete()
+
+    def _rearm(self) -> None:
+        deadline = self.runtime.next_deadline()
+        if deadline != self._deadline:
+            self._deadline = deadline
+            self._arm(deadline)
+
+    def _fire(self) -> None:
+        self._deadline = None
+        self.runtime.handle_timer(self._now())
+        self._service()
+
+    def _admit(self, action: AdmissionNeeded[Any]) -> None:
+        claims: Any = None
+        record: Any = None
+        try:
+            if action.token is not None:
+                claims = self._verify(action.token)
+                if inspect.isawaitable(claims):
+                    self._admit_async(action, claims, None)
+                    return
+            if action.instance_id is not None and not isinstance(claims, BaseException):
+                record = self._lookup(action.instance_id)
+                if inspect.isawaitable(record):
+                    self._admit_async(action, claims, record)
+                    return
+        except Exception as exc:  # the runtime tells 401 from 503
+            if action.token is not None and claims is None:
+                claims = exc
+            else:
+                record = exc
+        self._admitted(action, claims, record)
+
+    def _admitted(self, action: AdmissionNeeded[Any], claims: Any,
+                  record: InstanceRecord | BaseException | None) -> None:
+        if action.link in self._handles:
+            self.runtime.admit(action.link, claims=claims, record=record, now=self._now())
+        self._service()
+
+    def _verify_refresh(self, token: str) -> Any:
+        """`token_refresh` checks (spec 3) run inside the core: only a plain verifier works
+        there; a coroutine verifier refuses refreshed tokens (the agent reconnects instead)."""
+        claims = self._verify(token)
+        if inspect.isawaitable(claims):
+            close = getattr(claims, "close", None)
+            if close is not None:
+                close()
+            raise LookupError("token_refresh needs a synchronous verify_token")
+        return claims
+
+    # -- dispatches ------------------------------------------------------------------------
+
+    def _send(self, instance_id: str, capability: str, arguments: Mapping[str, Any] | None,
+              *, deadline_ms: int, waiter: Waiter, on_chunk: Callable[[Any], object] | None,
+              task_id: str | None, session_context: Any) -> tuple[str, LinkT]:
+        dispatch_id, link = self.runtime.dispatch(
+            instance_id, capability, arguments, deadline_ms=deadline_ms, now=self._now(),
+            waiter=waiter, on_chunk=on_chunk, task_id=task_id, session_context=session_context)
+        self._service()
+        return dispatch_id, link
+
+    def _begin_close(self, grace: float | None) -> None:
+        self.runtime.begin_shutdown(self._now(), grace)
+        self._service()
