@@ -28,13 +28,11 @@ from svantic_proto import (
     AgentState,
     Config,
     DispatchAuthVerifier,
-    FrameFactory,
     InstanceRecord,
     MeshConnection,
     ResumeStore,
     RetryDecision,
     check_upgrade,
-    held_failures,
 )
 from svantic_proto.capabilities import (
     Capability,
@@ -42,6 +40,7 @@ from svantic_proto.capabilities import (
     DispatchContext,
     handler_outcome,
 )
+from svantic_proto.codec import FrameFactory
 from svantic_proto.errors import DispatchError, HandlerError
 from svantic_proto.events import (
     ChunkReceived,
@@ -56,7 +55,7 @@ from svantic_proto.events import (
     UpgradeRequest,
 )
 from svantic_proto.handshake import Reject, build_upgrade_request
-from svantic_proto.mesh import MintDispatchAuth
+from svantic_proto.mesh import MintDispatchAuth, held_failures
 
 from ._agent import client_ssl_context
 from ._pump import Pump

@@ -1,8 +1,14 @@
 """svantic-proto: a sans-IO implementation of the svantic.v1 agent-mesh protocol.
 
 The core parses, validates and emits frames and runs the protocol's state
-machines without doing any I/O or reading any clock; see `svantic_adapters`
-for runnable clients and servers.
+machines without doing any I/O or reading any clock; the runtimes above it make
+every decision across connections (reconnecting, admission, the instance table,
+shutdown). See `svantic_adapters` for runnable clients and servers.
+
+The top level holds what an embedder needs: connections, runtimes, config,
+events, errors, admission, dispatch-auth entry points and the test kit. Frames,
+the codec, ids, trace context and backoff stay importable from their own modules
+(`svantic_proto.frames`, `.codec`, `.ids`, `.trace`, `.backoff`).
 """
 
 from __future__ import annotations
@@ -10,34 +16,21 @@ from __future__ import annotations
 from . import _compiled  # first: it may switch the compiled modules back to their sources
 from . import connection as _connection
 from .agent import AgentConnection, AgentSession
-from .auth import (
-    DISPATCH_AUTH_ENABLED_ENV,
-    AsymmetricDispatchAuthMinter,
-    DispatchAuthError,
-    DispatchAuthFailure,
-    DispatchAuthMinter,
-    DispatchAuthVerifier,
-    DispatchClaims,
-    HS256Key,
-    dispatch_auth_enabled,
-    shared_secret_envelope,
-    verify_shared_secret,
-)
-from .backoff import (
-    Backoff,
-    RetryDecision,
-    backoff_delays,
-    classify_close,
-    classify_handshake_status,
-)
-from .codec import FrameFactory, decode_frame, encode_frame
+from .agent_runtime import AgentRuntime
+from .auth import AsymmetricDispatchAuthMinter, DispatchAuthMinter, DispatchAuthVerifier
+from .backoff import RetryDecision
+from .capabilities import CapabilityRegistry, DispatchContext
 from .config import Config
-from .connection import CLOSE_TRANSPORT, ConnectionStats
+from .connection import CLOSE_TRANSPORT
 from .errors import (
     DeploymentModeMismatch,
+    DispatchAuthError,
     DispatchError,
     FrameError,
     HandlerError,
+    HandshakeFailed,
+    HandshakeRejected,
+    InsecureTransportError,
     InstanceNotFound,
     InvalidState,
     LocalProtocolError,
@@ -71,157 +64,87 @@ from .events import (
     ToolResultReceived,
     UpgradeRequest,
 )
-from .frames import (
-    FRAME_TYPES,
-    Cancel,
-    CloseRequest,
-    Dispatch,
-    DispatchAck,
-    DispatchChunk,
-    DispatchResult,
-    Error,
-    Frame,
-    Heartbeat,
-    Hello,
-    Ping,
-    Pong,
-    TokenRefresh,
-    ToolCall,
-    ToolResult,
-    Welcome,
-)
-from .handshake import (
-    HandshakeFailed,
-    HandshakeRejected,
-    InstanceRecord,
-    check_upgrade,
-)
-from .ids import IdFactory, TimestampError, format_rfc3339, parse_rfc3339
-from .mesh import (
-    DispatchRoute,
-    MeshConnection,
-    held_failures,
-    jwt_dispatch_auth,
-    shared_secret_dispatch_auth,
-)
+from .handshake import InstanceRecord, check_upgrade
+from .mesh import DispatchRoute, MeshConnection, jwt_dispatch_auth, shared_secret_dispatch_auth
+from .mesh_runtime import MeshRuntime
 from .resume import ResumeStore
 from .states import AgentState, MeshState
-from .trace import (
-    Baggage,
-    SessionTraceContext,
-    TraceContextError,
-    TraceParent,
-    format_baggage,
-    format_traceparent,
-    parse_baggage,
-    parse_traceparent,
-    trace_context_from_headers,
-)
+from .testing import FakeClock, Pair
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # connections, runtimes, configuration
     "AgentConnection",
+    "AgentRuntime",
     "AgentSession",
     "AgentState",
-    "AsymmetricDispatchAuthMinter",
-    "Backoff",
-    "backoff_delays",
-    "Baggage",
-    "Cancel",
-    "check_upgrade",
-    "ChunkReceived",
-    "classify_close",
-    "classify_handshake_status",
+    "CapabilityRegistry",
     "CLOSE_TRANSPORT",
-    "CloseRequest",
-    "CloseRequested",
     "COMPILED",
     "Config",
+    "DispatchContext",
+    "MeshConnection",
+    "MeshRuntime",
+    "MeshState",
+    "ResumeStore",
+    "RetryDecision",
+
+    # events
+    "ChunkReceived",
+    "CloseRequested",
     "ConnectionClosed",
-    "ConnectionStats",
-    "decode_frame",
-    "DeploymentModeMismatch",
-    "Dispatch",
-    "dispatch_auth_enabled",
-    "DISPATCH_AUTH_ENABLED_ENV",
-    "DispatchAck",
     "DispatchAcked",
-    "DispatchAuthError",
-    "DispatchAuthFailure",
-    "DispatchAuthMinter",
-    "DispatchAuthVerifier",
     "DispatchCancelled",
-    "DispatchChunk",
-    "DispatchClaims",
     "DispatchCompleted",
-    "DispatchError",
     "DispatchFailed",
     "DispatchReceived",
-    "DispatchResult",
-    "DispatchRoute",
     "DispatchTimedOut",
-    "encode_frame",
-    "Error",
     "ErrorReceived",
     "Event",
     "ExtensionUnsupported",
-    "format_baggage",
-    "format_rfc3339",
-    "format_traceparent",
-    "Frame",
-    "FRAME_TYPES",
+    "HeartbeatReceived",
+    "SessionStarted",
+    "TokenRefreshed",
+    "ToolCallReceived",
+    "ToolResultReceived",
+    "UpgradeRequest",
+
+    # errors (the tree is in svantic_proto.errors)
+    "DeploymentModeMismatch",
+    "DispatchAuthError",
+    "DispatchError",
     "FrameError",
-    "FrameFactory",
     "HandlerError",
     "HandshakeFailed",
     "HandshakeRejected",
-    "Heartbeat",
-    "HeartbeatReceived",
-    "held_failures",
-    "Hello",
-    "HS256Key",
-    "IdFactory",
+    "InsecureTransportError",
     "InstanceNotFound",
-    "InstanceRecord",
     "InvalidState",
-    "jwt_dispatch_auth",
     "LocalProtocolError",
-    "MeshConnection",
-    "MeshState",
     "MissingInstanceId",
-    "parse_baggage",
-    "parse_rfc3339",
-    "parse_traceparent",
-    "Ping",
-    "Pong",
     "RemoteError",
     "RemoteProtocolError",
-    "ResumeStore",
-    "RetryDecision",
-    "SessionStarted",
-    "SessionTraceContext",
-    "shared_secret_dispatch_auth",
-    "shared_secret_envelope",
     "SvanticError",
     "TenantMismatch",
-    "TimestampError",
     "TlsError",
-    "TokenRefresh",
-    "TokenRefreshed",
-    "ToolCall",
-    "ToolCallReceived",
-    "ToolResult",
-    "ToolResultReceived",
-    "trace_context_from_headers",
-    "TraceContextError",
-    "TraceParent",
     "Unauthorized",
     "UnsupportedSubprotocol",
-    "UpgradeRequest",
     "UpgradeRequired",
-    "verify_shared_secret",
-    "Welcome",
+
+    # admission and dispatch auth
+    "AsymmetricDispatchAuthMinter",
+    "check_upgrade",
+    "DispatchAuthMinter",
+    "DispatchAuthVerifier",
+    "DispatchRoute",
+    "InstanceRecord",
+    "jwt_dispatch_auth",
+    "shared_secret_dispatch_auth",
+
+    # the test kit (svantic_proto.testing)
+    "FakeClock",
+    "Pair",
 ]
 
 COMPILED: bool = _compiled.is_compiled(_connection)

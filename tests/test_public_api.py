@@ -128,3 +128,15 @@ def test_all_is_sorted_within_each_group(module: ModuleType) -> None:
             f"{module.__name__}.__all__: sort this group ({', '.join(ORDERS)}), or split it "
             f"into groups with a comment line: {sorted(group, key=_alphabetical_key)}"
         )
+
+
+ALL_BUDGET = 64
+"""The most names `svantic_proto` exports at its top level. h11 exports about 30 and
+wsproto about 10; ours adds the event and error classes a user matches on one by one.
+Frames, the codec, ids, trace context and backoff stay in their own modules."""
+
+
+def test_the_top_level_stays_within_its_budget() -> None:
+    assert len(svantic_proto.__all__) <= ALL_BUDGET, (
+        f"svantic_proto exports {len(svantic_proto.__all__)} names, over {ALL_BUDGET}: "
+        "keep the new ones in their own modules")

@@ -10,7 +10,8 @@ import pytest
 import trustme
 from svantic_adapters.asyncio import MeshServer
 
-from svantic_proto import InstanceRecord, RetryDecision, classify_handshake_status
+from svantic_proto import InstanceRecord, RetryDecision
+from svantic_proto.backoff import classify_handshake_status
 
 
 @dataclass(frozen=True)

@@ -11,16 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from svantic_proto import (
-    FRAME_TYPES,
-    Dispatch,
-    FrameError,
-    FrameFactory,
-    LocalProtocolError,
-    decode_frame,
-    encode_frame,
-)
+from svantic_proto import FrameError, LocalProtocolError
 from svantic_proto import frames as f
+from svantic_proto.codec import FrameFactory, decode_frame, encode_frame
+from svantic_proto.frames import FRAME_TYPES, Dispatch
 
 VECTORS = json.loads((Path(__file__).parents[1] / "vectors" / "frames.json").read_text())
 OUTCOME_BY_CLOSE_CODE = {1002: "bad_frame_close", None: "bad_frame_keep", 1007: "close_1007"}

@@ -8,8 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from svantic_proto import IdFactory, TimestampError, format_rfc3339, parse_rfc3339
-from svantic_proto.ids import is_canonical_uuid, uuid7_timestamp_ms
+from svantic_proto.errors import TimestampError
+from svantic_proto.ids import (
+    IdFactory,
+    format_rfc3339,
+    is_canonical_uuid,
+    parse_rfc3339,
+    uuid7_timestamp_ms,
+)
 
 
 class SteppingClock:

@@ -28,13 +28,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from svantic_proto import FRAME_TYPES
 from svantic_proto import events as ev
 from svantic_proto.agent import AgentConnection, AgentSession
 from svantic_proto.auth import DispatchAuthMinter, DispatchAuthVerifier
 from svantic_proto.config import Config
 from svantic_proto.connection import CLOSE_TRANSPORT
-from svantic_proto.frames import SessionContext
+from svantic_proto.frames import FRAME_TYPES, SessionContext
 from svantic_proto.mesh import MeshConnection, jwt_dispatch_auth
 from svantic_proto.resume import ResumeStore
 from svantic_proto.testing import TEST_SIGNING_SECRET, Pair

@@ -18,8 +18,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_codec import _case_bytes, any_frame  # tests/core is on sys.path
 
-from svantic_proto import FrameError, codec, decode_frame
+from svantic_proto import FrameError, codec
 from svantic_proto import frames as f
+from svantic_proto.codec import decode_frame
 
 speedups = pytest.importorskip("svantic_proto._speedups")
 
@@ -171,7 +172,8 @@ def test_codec_works_without_the_extension() -> None:
     """A user who installed without a compiler gets the same codec, on regexes."""
     program = (
         "import sys; sys.modules['svantic_proto._speedups'] = None\n"
-        "from svantic_proto import codec, decode_frame, FrameError\n"
+        "from svantic_proto import codec, FrameError\n"
+        "from svantic_proto.codec import decode_frame\n"
         "assert codec._frame_ok is codec._frame_ok_re\n"
         "text = sys.stdin.read()\n"
         "decode_frame(text)\n"
