@@ -1,9 +1,11 @@
 """The anyio byte-stream transport: the anyio adapter's connections on trio (and on any
 backend without an asyncio loop).
 
-A reader task feeds the core; a writer task sends what queued in one `send()`; a timer
-task sleeps in a cancel scope whose deadline is the core's `next_deadline()` (no
-polling). Every protocol decision is the core's.
+A reader task feeds the pump, whichever one `pump` is at that moment (an agent's, which
+outlives its connections, or the one `attach()` made for a mesh connection); a writer
+task sends what queued in one `send()`; a timer task sleeps in a cancel scope whose
+deadline is the core's `next_deadline()` (no polling). Every protocol decision is the
+core's.
 """
 
 from __future__ import annotations
@@ -17,18 +19,31 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import ByteStream, SocketAttribute
+from anyio.abc import AnyByteStream, ByteStream, SocketAttribute
+from anyio.streams.tls import TLSListener
 
 from svantic_proto.events import Event
 
-from ._pump import Pump
+from ._pump import DETACHED, Pump
 
-__all__ = ["WRITE_BUFFER_LIMIT", "StreamLink", "Timer"]
+__all__ = ["WRITE_BUFFER_LIMIT", "QuietTLSListener", "StreamLink", "Timer"]
 
 log = logging.getLogger("svantic_adapters.anyio")
 READ_SIZE = 65536
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
+
+
+class QuietTLSListener(TLSListener):
+    """A TLS listener that logs a failed handshake at DEBUG: scanners, health checks and
+    plain-TCP peers are routine on a public port, not an error with a traceback."""
+
+    @staticmethod
+    async def handle_handshake_error(exc: BaseException, stream: AnyByteStream) -> None:
+        await anyio.aclose_forcefully(stream)
+        if not isinstance(exc, Exception) or isinstance(exc, anyio.get_cancelled_exc_class()):
+            raise exc
+        log.debug("TLS handshake failed: %r", exc)
 
 
 class Timer:
@@ -64,34 +79,35 @@ class Timer:
 
 
 class StreamLink:
-    """One byte stream and one core connection, driven by a `Pump`.
+    """One byte stream, fed to `pump`: `DETACHED` until an agent hands it its own pump, or
+    `attach()` gives it a core connection of its own (a mesh connection).
 
-    A reader task feeds the core; a writer task sends everything queued since
-    its last send in one `send()`, in order, then closes the stream; a timer
-    task serves `next_deadline()`. The backend's clock, event and scope factories are
-    looked up once here: `anyio.current_time()` and `anyio.Event()` ask sniffio
-    on every call, several times per message.
+    A reader task feeds the pump; a writer task sends everything queued since its last
+    send in one `send()`, in order, then closes the stream; a timer task serves an attached
+    connection's `next_deadline()`. The backend's clock and event factory are looked up
+    once here: `anyio.current_time()` and `anyio.Event()` ask sniffio on every call.
     """
 
-    def __init__(self, conn: Any, stream: ByteStream, on_event: Callable[[Event], None],
-                 close_timeout: float) -> None:
+    def __init__(self, stream: ByteStream, close_timeout: float) -> None:
         backend = anyio.lowlevel.current_token().backend_class
         self.now, self.new_event = backend.current_time, backend.create_event
-        self.new_scope = backend.create_cancel_scope
         self.stream, self._close_timeout = stream, close_timeout
+        self.pump = DETACHED
         self._timer = Timer(lambda now: self._drive(self.pump.timer, now))
-        self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
-                         arm_timer=self._timer.arm)
-        self.settled = self.new_event()
-        """Set by the owner once the session started, and when the link ends."""
         self.done = self.new_event()
         self.queued = 0
         self._pending: list[bytes] = []
         self._wake, self._progress = self.new_event(), self.new_event()
         self._closing = False
-        self._send_scope = self.new_scope()
+        self._send_scope = backend.create_cancel_scope()
 
-    def _write(self, chunks: list[bytes]) -> None:
+    def attach(self, conn: Any, on_event: Callable[[Event], None]) -> StreamLink:
+        """Drive `conn` from this stream (call `pump.service()` next)."""
+        self.pump = Pump(conn, on_event=on_event, write=self.write, close=self.close,
+                         arm_timer=self._timer.arm)
+        return self
+
+    def write(self, chunks: list[bytes]) -> None:
         if not self._closing:  # after the core's close (or an abort) nothing more goes out
             self._pending += chunks
             self.queued += sum(map(len, chunks))
@@ -99,7 +115,7 @@ class StreamLink:
             if self.queued > WRITE_BUFFER_LIMIT:
                 self.abort()  # the peer stopped reading: do not grow memory without limit
 
-    def _close(self) -> None:
+    def close(self) -> None:
         """The core said close: flush what is queued (for at most close_timeout), then close."""
         if not self._closing:
             self._closing = True
@@ -113,11 +129,8 @@ class StreamLink:
         with contextlib.suppress(OSError):
             if raw is not None:
                 raw.shutdown(socket.SHUT_RDWR)
-        self._close()
+        self.close()
         self._send_scope.cancel()
-
-    def service(self) -> None:
-        self.pump.service()
 
     def _drive(self, step: Callable[..., None], *args: Any) -> None:
         try:
@@ -167,7 +180,6 @@ class StreamLink:
                     self._drive(self.pump.feed, data, now)
                 if not self.pump.closed:
                     self._drive(self.pump.eof, self.now())
-                self._close()
+                self.close()
         finally:
-            self.settled.set()
             self.done.set()

@@ -1,8 +1,9 @@
 """svantic.v1 over anyio (asyncio or trio backend): an agent client and a mesh server.
 
 The same public shape as `svantic_adapters.asyncio`. Every protocol decision is the
-core's. On trio, connections are anyio byte streams (`_streams.py`: reader, writer and
-timer tasks) and handlers run in the agent's task group, each in a cancel scope.
+core's: the agent's are `AgentRuntime`'s (`_agent.AgentDriver` routes its actions). On
+trio, connections are anyio byte streams (`_streams.py`: reader, writer and timer tasks)
+and handlers run in the agent's task group, each in a cancel scope.
 
 On the asyncio backend, connections use the asyncio adapter's transport (`_protocol.py`:
 a protocol with TLS over `ssl.MemoryBIO`s, no reader or writer task, no stream layers)
@@ -18,33 +19,23 @@ import contextlib
 import inspect
 import logging
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
-from anyio.streams.tls import TLSListener
 
-from svantic_proto import AgentConnection, LocalProtocolError, RetryDecision
-from svantic_proto.events import (
-    ConnectionClosed,
-    DispatchReceived,
-    SessionStarted,
-)
+from svantic_proto import AgentSession, Config, DispatchAuthVerifier, LocalProtocolError
+from svantic_proto.agent_runtime import Dial, StartHandler
+from svantic_proto.capabilities import DispatchContext
+from svantic_proto.errors import DispatchError, HandlerError
 
 from . import _protocol
-from ._runtime import (
-    AgentBase,
-    AgentLinkBase,
-    DispatchContext,
-    DispatchError,
-    HandlerError,
-    MeshBase,
-    Outcome,
-    handler_outcome,
-)
-from ._streams import WRITE_BUFFER_LIMIT, StreamLink, Timer
+from ._agent import AgentDriver
+from ._protocol import ProtocolLink
+from ._runtime import AgentLinkBase, MeshBase, Outcome
+from ._streams import WRITE_BUFFER_LIMIT, QuietTLSListener, StreamLink, Timer
 
 __all__ = ["Agent", "AgentLink", "DispatchContext", "DispatchError", "HandlerError", "MeshServer",
            "connect"]
@@ -52,192 +43,147 @@ __all__ = ["Agent", "AgentLink", "DispatchContext", "DispatchError", "HandlerErr
 log = logging.getLogger(__name__)
 
 
-def _backend() -> tuple[bool, Callable[[], float], Callable[[], anyio.Event]]:
-    """On asyncio or not, and the backend's clock and event factory, looked up once: anyio's
-    own functions look the backend up per call, which fails in protocol callbacks."""
+def _backend() -> tuple[bool, Any]:
+    """On asyncio or not, and the backend's class, looked up once: anyio's own functions
+    look the backend up per call, which fails in protocol callbacks."""
     token = anyio.lowlevel.current_token()
-    loop = token.native_token
-    if isinstance(loop, asyncio.AbstractEventLoop):
-        return True, loop.time, token.backend_class.create_event
-    return False, token.backend_class.current_time, token.backend_class.create_event
+    return isinstance(token.native_token, asyncio.AbstractEventLoop), token.backend_class
 
 
-class _AsyncioLink(_protocol.ProtocolLink):
-    """On the asyncio backend: the asyncio adapter's transport, with the names `StreamLink` has."""
-
-    __slots__ = ("settled",)
-
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.settled = asyncio.Event()
-
-    async def run(self) -> None:
-        await self.done.wait()
-
-    def _end(self) -> None:
-        super()._end()
-        self.settled.set()
-
-
-AnyLink = StreamLink | _AsyncioLink
-
-
-class Agent(AgentBase[AnyLink, Awaitable[str]]):
+class Agent(AgentDriver[Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
     `async with connect(...) as agent` returns once the first welcome is seen and
     keeps the agent connected from its own task group; `await agent.run()` stays
     connected until `stop()` or a final refusal (raised as the typed
-    `HandshakeRejected`). `async for conn in agent.connections()` yields each
-    connection as python-websockets' `connect` does; it holds its task group
-    across yields, so iterate it in one task and end it with `stop()` (or inside
-    `contextlib.aclosing`). `ready` is an `anyio.Event` set while a session is
-    up, replaced by a fresh one when it ends: read the attribute when you wait.
+    `HandshakeRejected`). `ready` is an `anyio.Event` set while a session is up,
+    replaced by a fresh one when it ends: read the attribute when you wait.
     """
 
-    def _init_adapter(self) -> None:
-        self._now: Callable[[], float] = anyio.current_time  # until it runs: then _backend()'s
-        self._new_event: Callable[[], anyio.Event] = anyio.Event
-        self._stop_requested = anyio.Event()
-        self._dial_scope = anyio.CancelScope()
-        self._group: TaskGroup | None = None
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._finished: anyio.Event | None = None
-        self._error: Exception | None = None
-        self._native = False  # on the asyncio backend: its transport and handler tasks
+    def __init__(self, url: str, *, token: str, instance_id: str,
+                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
+                 config: Config | None = None, session: AgentSession | None = None,
+                 token_provider: Callable[[], Awaitable[str]] | None = None,
+                 allow_insecure_loopback: bool = False) -> None:
+        super().__init__(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
+                         agent_type=agent_type, ssl_context=ssl_context, cafile=cafile,
+                         config=config, session=session, token_provider=token_provider,
+                         allow_insecure_loopback=allow_insecure_loopback)
         self.ready = anyio.Event()
-        self.last_started: SessionStarted | None = None
+        self._backend: Any = None  # anyio's backend class, once it runs
+        self._native = False  # on the asyncio backend: its transport and handler tasks
+        self._handlers: dict[str, Any] = {}
+        """Running handlers by dispatch id: asyncio tasks, or cancel scopes on trio."""
+        self._dialling: Any = None  # the dial's task (asyncio) or cancel scope
+        self._dialled: ProtocolLink | None = None
+        self._group: TaskGroup | None = None  # while it runs
+        self._timer: Timer | None = None
+        self._settled, self._finished = anyio.Event(), anyio.Event()  # up or stopped; stopped
+        self._error: BaseException | None = None
 
-    async def _connect_once(self) -> AnyLink | None:
-        stream: ByteStream | None = None
-        native: _AsyncioLink | None = None
-        with anyio.CancelScope() as self._dial_scope, anyio.fail_after(self.config.hello_timeout):
-            if self._native:
-                native = await _protocol.dial_agent(self, _AsyncioLink, self._forget_closed)
-            elif self._ssl is None:
-                stream = await anyio.connect_tcp(self._host, self._port)
-            else:  # TLS close without close_notify: a closing read would race the reader task
-                stream = await anyio.connect_tcp(self._host, self._port, ssl_context=self._ssl,
-                                                 tls_hostname=self._host,
+    def _now(self) -> float:
+        now: float = self._backend.current_time()
+        return now
+
+    def _arm(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.arm(deadline)
+
+    def _dial(self, dial: Dial) -> None:
+        self._dialled = None
+        if self._native:
+            self._dialling = _protocol.dial(self, dial, self._protocol_link)
+        else:
+            self._dialling = scope = self._backend.create_cancel_scope()
+            self._spawn(self._connect, dial, scope)
+
+    async def _connect(self, dial: Dial, scope: anyio.CancelScope) -> None:
+        """Dial on trio: TCP, then TLS (`wss://`); the runtime's deadline bounds both."""
+        with scope:
+            try:  # TLS close without close_notify: a closing read would race the reader task
+                stream = await anyio.connect_tcp(dial.host, dial.port, ssl_context=self._ssl,
                                                  tls_standard_compatible=False)
-        if self._stopping:  # stop() came during the dial, or cancelled it
-            if native is not None:
-                native.abort()
-            return None
-        if native is not None or stream is None:
-            return native
-        conn = self._new_connection()
-        self.last_closed = None
-        self.link = link = StreamLink(conn, stream, self._on_event, self.config.close_timeout)
-        link.service()
+            except Exception as exc:  # refused, TLS, name resolution, ...: the runtime decides
+                self._dial_failed(dial.attempt, exc)
+                return
+        if scope.cancelled_caught:
+            return
+        link = StreamLink(stream, self.config.close_timeout)
+        self._opened(dial.attempt, link)  # or aborted: then `run()` just closes the stream
+        await link.run()
+
+    def _protocol_link(self, *args: Any) -> ProtocolLink:
+        self._dialled = link = ProtocolLink(*args)
         return link
 
-    def _forget_closed(self) -> None:
-        self.last_closed = None
+    def _cancel_dial(self) -> None:
+        if self._dialling is not None:
+            self._dialling.cancel()
+        if self._dialled is not None:  # on asyncio: TCP up, the TLS handshake under way
+            self._dialled.abort()
+        self._dialling = self._dialled = None
 
-    def _session_started(self, event: SessionStarted) -> None:
-        self.last_started = event
-        self.ready.set()
-        if self.link is not None:
-            self.link.settled.set()
-
-    def _connection_closed(self, event: ConnectionClosed) -> None:
-        if self.ready.is_set():
-            self.ready = self._new_event()
-
-    def _clock(self) -> float:
-        return self._now()
-
-    def _handler_unavailable(self) -> str | None:
-        return "the agent is not running" if self._group is None else None
-
-    def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
-                       context: DispatchContext) -> None:
+    def _start_handler(self, start: StartHandler) -> None:
         if self._native:
-            _protocol.spawn_handler(self, handler, event, context)
-            return
-        scope = cast(StreamLink, self.link).new_scope()  # now: a cancel before its start counts
-        self._handlers[event.dispatch_id] = scope
-        group = cast(TaskGroup, self._group)  # `_handler_unavailable()` saw it set
-        group.start_soon(self._run_handler, handler, event, context, scope)
+            _protocol.spawn_handler(self, start)
+        else:  # its scope now: a cancel before the task first runs counts
+            self._handlers[start.dispatch_id] = scope = self._backend.create_cancel_scope()
+            self._spawn(self._run_handler, start, scope)
 
-    async def _run_handler(self, handler: Callable[..., Any], event: DispatchReceived,
-                           context: DispatchContext, scope: anyio.CancelScope) -> None:
-        self.handler_runs += 1
-        dispatch_id = event.dispatch_id
+    async def _run_handler(self, start: StartHandler, scope: anyio.CancelScope) -> None:
+        dispatch_id = start.dispatch_id
         try:
             with scope:
                 try:
-                    result = handler(event.arguments, context)
+                    result = start.handler(start.arguments, start.context)
                     if inspect.isawaitable(result):
                         result = await result
                 except Exception as exc:  # a handler failure is the dispatch's failure
-                    code, message, detail = handler_outcome(exc)
-                    self._answer(dispatch_id, "send_error", code, message, detail)
+                    self._raised(dispatch_id, exc)
                 else:
-                    self._answer(dispatch_id, "send_result", result)
-            if scope.cancelled_caught:
-                context.cancelled = True
-                self._answer(dispatch_id, "send_cancelled")
-        finally:
+                    self._returned(dispatch_id, result)
+        except anyio.get_cancelled_exc_class():  # not ours: it ends the handler, not the agent
+            pass
+        finally:  # cancelled, by our CancelHandler or anything else: the runtime answers
             self._handlers.pop(dispatch_id, None)
+            self._cancelled(dispatch_id)  # nothing once the handler answered
 
-    @contextlib.asynccontextmanager
-    async def _task_group(self) -> AsyncIterator[TaskGroup]:
-        if self._group is not None:
-            raise LocalProtocolError("this agent is already running")
-        self._native, self._now, self._new_event = _backend()
-        async with anyio.create_task_group() as group:
-            self._group = group
+    def _cancel_handler(self, dispatch_id: str) -> None:
+        running = self._handlers.get(dispatch_id)
+        if running is not None:
+            running.cancel()
+
+    def _fetch_token(self, provider: Callable[[], Awaitable[str]]) -> None:
+        async def fetch() -> None:
             try:
-                yield group
-            finally:
-                self._group = None
-                group.cancel_scope.cancel()  # handlers outliving stop() end with the agent
-                for running in list(self._handlers.values()):
-                    running.cancel()  # those in tasks of their own (asyncio backend) too
+                token: str | None = await provider()
+            except Exception:
+                log.exception("%s: the token provider failed", self.instance_id)
+                token = None
+            self._token_fetched(token)
 
-    async def _dial(self, group: TaskGroup) -> AsyncIterator[AgentConnection]:
-        """The reconnect loop, with the core's backoff and retry decisions (spec 5)."""
-        while not self._stopping:
-            retry = RetryDecision.RETRY
-            try:
-                link = await self._connect_once()
-            except (TimeoutError, OSError, ssl.SSLError, anyio.BrokenResourceError):
-                link = None
-            if link is not None:
-                group.start_soon(link.run)
-                await link.settled.wait()
-                if link.pump.conn.connection_id is not None:  # a welcome was seen
-                    yield link.pump.conn
-                await link.done.wait()
-                retry = self._retry_decision()
-            if self._stopping:
-                return
-            if provider := self._token_refresher(retry):
-                self._use_fresh_token(await provider())
-            with anyio.move_on_after(self.session.next_delay()):
-                await self._stop_requested.wait()
+        self._spawn(fetch)
 
-    async def connections(self) -> AsyncIterator[AgentConnection]:
-        """Yield each established connection; reconnect with the core's backoff and retry rules."""
-        async with self._task_group() as group:
-            async for conn in self._dial(group):
-                yield conn
+    def _spawn(self, function: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
+        if self._group is not None:  # None only once the agent ended
+            self._group.start_soon(function, *args)
 
-    async def _runner(self, group: TaskGroup, first: anyio.Event, finished: anyio.Event) -> None:
-        try:
-            async for _ in self._dial(group):
-                first.set()
-        except Exception as exc:  # a final refusal: raised by __aenter__ or run()
-            self._error = exc
-        finally:
-            first.set()
-            finished.set()
+    def _ready_changed(self, ready: bool) -> None:
+        if ready:
+            self.ready.set()
+            self._settled.set()
+        elif self.ready.is_set():
+            self.ready = self._backend.create_event()
+
+    def _stopped(self, error: BaseException | None) -> None:
+        self._error = error
+        self._settled.set()
+        self._finished.set()
 
     async def run(self) -> None:
         """Stay connected until `stop()`; raise a final refusal (spec 5)."""
-        if self._finished is None:
+        if self._group is None:
             async with self:
                 await self.run()
             return
@@ -246,41 +192,70 @@ class Agent(AgentBase[AnyLink, Awaitable[str]]):
             raise self._error
 
     async def __aenter__(self) -> Agent:
-        self._stack, self._error = contextlib.AsyncExitStack(), None
-        group = await self._stack.enter_async_context(self._task_group())
-        first, self._finished = anyio.Event(), anyio.Event()
-        group.start_soon(self._runner, group, first, self._finished)
-        await first.wait()
-        if self._error is not None:
-            await self._exit_group()
-            raise self._error
+        if self._group is not None:
+            raise LocalProtocolError("this agent is already running")
+        self._native, self._backend = _backend()
+        self._group = group = anyio.create_task_group()
+        await group.__aenter__()
+        self._timer = timer = Timer(lambda _: self._fire())
+        group.start_soon(timer.run)
+        try:
+            self.runtime.start(self._now())
+            self.pump.service()
+            await self._settled.wait()
+            if self._error is not None:
+                raise self._error
+        except BaseException:
+            await self._exit()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         try:
             await self.stop()
         finally:
-            await self._exit_group()
+            await self._exit()
 
-    async def _exit_group(self) -> None:
-        stack, self._stack, self._finished = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+    async def _exit(self) -> None:
+        """End the task group: what still runs gets `close_timeout` to finish (a closing
+        stream its flush), then is cancelled. Handlers are cancelled now, on any backend."""
+        group, self._group = self._group, None
+        if group is None:
+            return
+        self.runtime.stop(self._now(), 0)  # cancelled before it stopped: stop at once
+        self.pump.service()
+        if self.link is not None:
+            self.link.abort()
+        if self._timer is not None:
+            self._timer.close()
+        for running in list(self._handlers.values()):
+            running.cancel()
+        group.cancel_scope.deadline = self._now() + self.config.close_timeout
+        await group.__aexit__(None, None, None)
 
     async def stop(self, grace: float | None = None) -> None:
-        """close_request: finish in-flight work (up to the grace), then close 1000."""
-        self._stop_requested.set()
-        self._dial_scope.cancel()
-        link = self._begin_stop(grace)
-        if link is not None:
-            await link.done.wait()
-        if self._finished is not None:
+        """close_request: finish in-flight work (up to the grace), then close 1000; at once
+        while dialling or backing off. Returns once the agent has stopped."""
+        if self._group is not None:
+            self.runtime.stop(self._now(), grace)
+            self.pump.service()
             await self._finished.wait()
 
 
-def connect(url: str, **options: Any) -> Agent:
-    """`async with connect(url, ...) as agent:`, or `async for conn in agent.connections()`."""
-    return Agent(url, **options)
+def connect(url: str, *, token: str, instance_id: str, dispatch_auth: DispatchAuthVerifier,
+            agent_type: str | None = None, ssl_context: ssl.SSLContext | None = None,
+            cafile: str | None = None, config: Config | None = None,
+            session: AgentSession | None = None,
+            token_provider: Callable[[], Awaitable[str]] | None = None,
+            allow_insecure_loopback: bool = False) -> Agent:
+    """`async with connect(url, ...) as agent:` (connected and ready), or `await agent.run()`."""
+    return Agent(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
+                 agent_type=agent_type, ssl_context=ssl_context, cafile=cafile, config=config,
+                 session=session, token_provider=token_provider,
+                 allow_insecure_loopback=allow_insecure_loopback)
+
+
+AnyLink = StreamLink | ProtocolLink
 
 
 class AgentLink(AgentLinkBase["MeshServer", AnyLink]):
@@ -294,13 +269,11 @@ class AgentLink(AgentLinkBase["MeshServer", AnyLink]):
                        deadline_ms: int = 30_000,
                        on_chunk: Callable[[Any], object] | None = None) -> Any:
         """Send a dispatch and return its result; raise `DispatchError` on failure."""
-        link = self.link
-        if isinstance(link, _AsyncioLink):
-            return await _protocol.dispatch(self, capability, arguments, deadline_ms, on_chunk)
-        settled = link.new_event()
+        link, server = self.link, self.server
+        settled = server._new_event()
         outcome = Outcome(settled.set)
         dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
-                                          waiter=outcome, on_chunk=on_chunk, now=link.now())
+                                          waiter=outcome, on_chunk=on_chunk, now=server._now())
         try:
             await link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure for callers
             await settled.wait()
@@ -326,7 +299,7 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
         self._store_timer = Timer(self._expire_store)
         self._stack: contextlib.AsyncExitStack | None = None
         self._group: TaskGroup | None = None
-        self._entered = self._started = self._closed = False
+        self._entered = self._started = self._shut = False
         self._accepting = anyio.CancelScope()
         self._server: asyncio.Server | None = None  # on the asyncio backend
 
@@ -355,12 +328,13 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         if self._started:
             raise LocalProtocolError("a MeshServer starts once")
-        native, self._now, self._new_event = _backend()
+        native, backend = _backend()
+        self._now, self._new_event = backend.current_time, backend.create_event
         if native:
             return await self._start_native(host, port)
         tcp = await anyio.create_tcp_listener(local_host=host, local_port=port,
                                               backlog=self.backlog)
-        listener: Listener[Any] = tcp if self._ssl is None else TLSListener(
+        listener: Listener[Any] = tcp if self._ssl is None else QuietTLSListener(
             tcp, self._ssl, standard_compatible=False, handshake_timeout=self.config.hello_timeout)
         group = self._group or await self._open_group()
         self._started = True
@@ -370,7 +344,7 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
         return str(address[0]), tcp.extra(SocketAttribute.local_port)
 
     async def _start_native(self, host: str, port: int) -> tuple[str, int]:
-        self._server, address = await _protocol.listen(self, _AsyncioLink, host, port)
+        self._server, address = await _protocol.listen(self, ProtocolLink, host, port)
         group = self._group or await self._open_group()
         self._started = True
         group.start_soon(self._store_timer.run)
@@ -400,13 +374,25 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
         if len(self.links) >= self.max_connections:
             await anyio.aclose_forcefully(stream)
             return
-        link = self._open_link(
-            lambda conn, on_event: StreamLink(conn, stream, on_event, self.config.close_timeout))
+        link = StreamLink(stream, self.config.close_timeout)
+        self._open_link(link.attach)
         try:
-            link.service()
+            link.pump.service()
             await link.run()
         finally:
             self.links.discard(link)
+
+    # `_protocol.listen`'s calls, on the asyncio backend
+    def _accepted(self, link: ProtocolLink) -> bool:
+        """TCP accepted: False (drop it) over the connection cap."""
+        return len(self.links) < self.max_connections
+
+    def _opened(self, link: ProtocolLink) -> None:
+        """TLS done: a core connection for the link."""
+        self._open_link(link.attach).pump.service()
+
+    def _closed(self, link: ProtocolLink) -> None:
+        self.links.discard(link)
 
     def _clock(self) -> float:
         return self._now()
@@ -423,9 +409,9 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
 
     async def close(self, grace: float | None = None) -> None:
         """Graceful shutdown: close_request to every agent, wait the grace, 1001 for the rest."""
-        if not self._started or self._closed:
+        if not self._started or self._shut:
             return
-        self._closed = True
+        self._shut = True
         self._accepting.cancel()
         if self._server is not None:
             self._server.close()

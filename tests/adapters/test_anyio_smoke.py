@@ -10,6 +10,7 @@ shutdown lets in-flight work finish first.
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -20,12 +21,18 @@ from typing import Any
 import anyio
 import pytest
 import trustme
-from svantic_adapters._runtime import DispatchContext, DispatchError, HandlerError
-from svantic_adapters.anyio import Agent, AgentLink, MeshServer, connect
+from svantic_adapters.anyio import (
+    Agent,
+    AgentLink,
+    DispatchContext,
+    DispatchError,
+    HandlerError,
+    MeshServer,
+    connect,
+)
 
 from svantic_proto import (
     AgentSession,
-    Backoff,
     Config,
     DispatchAuthMinter,
     DispatchAuthVerifier,
@@ -34,6 +41,7 @@ from svantic_proto import (
     TokenRefreshed,
     jwt_dispatch_auth,
 )
+from svantic_proto.backoff import Backoff
 
 pytestmark = pytest.mark.anyio
 
@@ -220,20 +228,26 @@ async def test_refused_handshake_raises_the_typed_error(tls: TlsPair) -> None:
     assert agent.session.connections == 1  # 404 is final: no retry (spec 5)
 
 
-async def test_connections_yields_each_session_until_stopped(tls: TlsPair) -> None:
+async def test_the_agent_reconnects_by_itself_until_stopped(tls: TlsPair) -> None:
     seen: list[str | None] = []
     with anyio.fail_after(TIME_LIMIT):
-        async with mesh(tls) as (_server, port, config):
-            agent = make_agent(port, tls[1], config, Gate())
-            async for conn in agent.connections():
-                seen.append(conn.connection_id)
+        async with mesh(tls) as (_server, port, config), make_agent(port, tls[1], config,
+                                                                     Gate()) as agent:
+            for _ in range(2):
+                assert agent.ready.is_set() and agent.last_started is not None
+                seen.append(agent.last_started.connection_id)
                 if len(seen) == 1:
-                    assert agent.link is not None
-                    agent.link.abort()  # the loop reconnects by itself
-                else:
-                    await agent.stop()
+                    cut = agent.link
+                    assert cut is not None
+                    cut.abort()  # the agent reconnects by itself
+                    await cut.done.wait()
+                    await agent.ready.wait()
+            await agent.stop()
+            assert not agent.ready.is_set()
+            await anyio.sleep(0.3)  # longer than the backoff: no reconnect after stop()
     assert len(seen) == 2
     assert seen[0] != seen[1]
+    assert agent.session.connections == 2
 
 
 @pytest.mark.parametrize("finish_while_down", [False, True], ids=["after-resume", "while-down"])
@@ -306,6 +320,24 @@ async def test_refresh_token_reaches_the_mesh_without_a_reconnect(tls: TlsPair) 
             server.on_event = on_event
             assert agent.refresh_token(FRESH_TOKEN)
             await seen.wait()
-            assert agent.token == FRESH_TOKEN  # and for any later reconnect
+            assert agent.runtime.token == FRESH_TOKEN  # and for any later reconnect
             assert agent.session.connections == 1
     assert refreshed[0].expires_at > time.time()
+
+
+async def test_a_peer_failing_the_tls_handshake_is_no_warning(
+    tls: TlsPair, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with anyio.fail_after(TIME_LIMIT):
+        async with mesh(tls) as (server, port, config):
+            for _ in range(3):  # plain TCP, then bytes that are no TLS record
+                async with await anyio.connect_tcp("127.0.0.1", port) as peer:
+                    await peer.send(b"GET /agents/connect HTTP/1.1\r\n\r\n" * 4)
+                    with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                        while await peer.receive():
+                            pass  # the mesh's TLS alert, until it hangs up
+            async with make_agent(port, tls[1], config, Gate()):  # the port still serves
+                assert await server.dispatch(INSTANCE, "echo", {"text": "hi"}) == {"text": "hi"}
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not loud, [f"{r.name}: {r.getMessage()}" for r in loud]
