@@ -79,8 +79,9 @@ class AgentDriver(Generic[TokenT]):
         self.on_event: Callable[[Event], object] | None = None
         """Told every core event (session started, connection closed, ...), for metrics."""
         self.pump = Pump(self.runtime, on_event=self._act, write=self._write,
-                         close=self._close_transport, arm_timer=self._arm, latch=False)
+                         close=self._close_transport, arm_timer=self._arm_lazily, latch=False)
         self.runtime.on_output = self.pump.service
+        self._armed: float | None = None
 
     # -- what users read -----------------------------------------------------------------
 
@@ -227,7 +228,16 @@ class AgentDriver(Generic[TokenT]):
             link.pump = DETACHED  # what it still reads is not the next connection's
             link.close()
 
+    def _arm_lazily(self, deadline: float | None) -> None:
+        """Move the timer only when the deadline came earlier: one that fires early finds
+        nothing due, and the pump then arms the real one (no timer churn per dispatch)."""
+        armed = self._armed
+        if deadline is not None and (armed is None or deadline < armed):
+            self._armed = deadline
+            self._arm(deadline)
+
     def _fire(self) -> None:
+        self._armed = None
         self.pump.timer(self._now())
 
     def _returned(self, dispatch_id: str, result: Any) -> None:

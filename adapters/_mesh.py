@@ -148,7 +148,7 @@ class MeshDriver(Generic[LinkT]):
         self._handles[link] = handle = self._new_handle(link)
 
         def on_event(event: Event) -> None:
-            runtime.connection_events(link, [event], self._now())
+            runtime.connection_events(link, (event,), self._now())
             actions = runtime.take_actions()
             if actions:
                 self._perform(actions)
@@ -173,8 +173,13 @@ class MeshDriver(Generic[LinkT]):
         self._service()
 
     def _schedule(self, link: LinkT, deadline: float | None) -> None:
+        """A link's timer moved: re-arm only when it came earlier than the one armed (one
+        that fires early finds nothing due and re-arms at the runtime's real deadline)."""
         self.runtime.schedule(link, deadline)
-        self._rearm()
+        armed = self._deadline
+        if deadline is not None and (armed is None or deadline < armed):
+            self._deadline = deadline
+            self._arm(deadline)
 
     # -- the runtime's actions -------------------------------------------------------------
 

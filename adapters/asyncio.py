@@ -72,9 +72,10 @@ class Agent(AgentDriver[Awaitable[str]]):
         self._timer: asyncio.TimerHandle | None = None
         self._finished: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
+        self._clock: Callable[[], float] = lambda: asyncio.get_running_loop().time()
 
     def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self._clock()
 
     def _arm(self, deadline: float | None) -> None:
         if self._timer is not None:
@@ -129,7 +130,9 @@ class Agent(AgentDriver[Awaitable[str]]):
         """Stay connected until `stop()`; raise a final refusal (spec 5)."""
         if self._finished is not None:
             raise LocalProtocolError("this agent is already running")
-        self._finished = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._clock = loop.time
+        self._finished = loop.create_future()
         self.runtime.start(self._now())
         self.pump.service()
         try:
@@ -224,9 +227,10 @@ class MeshServer(MeshDriver[ProtocolLink]):
         self._timer: asyncio.TimerHandle | None = None
         self._arrived = asyncio.Event()
         self._shut: asyncio.Event | None = None
+        self._clock: Callable[[], float] = lambda: asyncio.get_running_loop().time()
 
     def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self._clock()
 
     def _arm(self, deadline: float | None) -> None:
         if self._timer is not None:
@@ -266,6 +270,7 @@ class MeshServer(MeshDriver[ProtocolLink]):
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
+        self._clock = asyncio.get_running_loop().time
         self._server, address = await listen(self, ProtocolLink, host, port)
         return address
 

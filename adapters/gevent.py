@@ -1,8 +1,11 @@
 """svantic.v1 over gevent: a blocking agent client and mesh server for greenlets.
 
-Every protocol decision is the core's; this module moves bytes, keeps one hub
-timer per connection at the core's `next_deadline()`, and runs each handler in
-its own greenlet. It needs no monkey-patching: it uses `gevent.socket`,
+Every protocol decision is the core's (an agent's, across its connections, is its
+runtime's: `svantic_proto.agent_runtime`); this module moves bytes, keeps one hub timer
+per mesh connection and one per agent at the `next_deadline()` it is given, and runs
+each handler in its own greenlet. A reader that keeps finding data waiting gives the
+hub a turn every `FAIR_SHARE` bytes, so one flooding peer cannot stall the other
+connections. It needs no monkey-patching: it uses `gevent.socket`,
 `gevent.event` and hub timers explicitly, and does TLS over memory (`_tls.py`, as
 the asyncio adapter does), so it works in a plain process and in any thread (each
 thread has its own hub). If your application
@@ -25,7 +28,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 import gevent
@@ -36,30 +39,22 @@ import greenlet
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from svantic_proto import (
-    AgentConnection,
-    DispatchCancelled,
-    DispatchReceived,
-    Event,
-    HandshakeRejected,
-    LocalProtocolError,
-    RetryDecision,
-    SessionStarted,
-)
+from svantic_proto import AgentSession, Config, DispatchAuthVerifier
+from svantic_proto.agent_runtime import Dial, StartHandler
+from svantic_proto.errors import HandshakeRejected, LocalProtocolError
 
-from ._pump import Pump
-from ._runtime import (
-    AgentBase,
-    AgentLinkBase,
-    DispatchContext,
-    MeshBase,
-    handler_outcome,
-)
+from ._agent import AgentDriver
+from ._pump import DETACHED, Pump
+from ._runtime import AgentLinkBase, MeshBase
 from ._tls import TlsError, TlsSession
 
 __all__ = ["Agent", "AgentLink", "HandshakeRejected", "MeshServer", "connect"]
 
 READ_SIZE = 65536
+FAIR_SHARE = READ_SIZE
+"""Bytes a reader takes in a row before it waits for the hub's next loop iteration. A socket
+that always has data waiting never blocks, so without this one peer that floods would stall
+every other connection in the hub; with it, each busy connection gets one read per pass."""
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
 
@@ -100,19 +95,16 @@ def _handshake(context: ssl.SSLContext, sock: Any,
     does), within the caller's timeout. Returns the session and any plaintext that came
     with the handshake's last flight. Raises `TlsError` (an OSError), after sending the
     alert that says why."""
-    tls = TlsSession(context, server_side=server_hostname is None,
-                     server_hostname=server_hostname)
+    tls = TlsSession(context, server_side=server_hostname is None, server_hostname=server_hostname)
     plaintext = b""
     try:
         tls.start()
         while True:
-            ciphertext = tls.data_to_send()
-            if ciphertext:
+            if ciphertext := tls.data_to_send():
                 sock.sendall(ciphertext)
             if tls.handshake_complete:
                 return tls, plaintext
-            data = sock.recv(READ_SIZE)
-            if data:
+            if data := sock.recv(READ_SIZE):
                 plaintext = tls.receive_data(data)
             else:
                 tls.receive_eof()  # raises: a hang-up mid-handshake
@@ -122,9 +114,9 @@ def _handshake(context: ssl.SSLContext, sock: Any,
         raise
 
 
-def _kill(runner: greenlet.greenlet) -> None:
+def _kill(runner: greenlet.greenlet | None) -> None:
     """GreenletExit in a handler that is still running (never into a finished one: a throw
-    into a dead greenlet lands in its parent)."""
+    into a dead greenlet lands in its parent; nor into none)."""
     if runner:
         runner.throw(gevent.GreenletExit)
 
@@ -136,60 +128,102 @@ def _close(sock: Any) -> None:
 
 
 class _Timer:
-    """One hub timer at a monotonic deadline; the callback runs in a fresh greenlet."""
+    """One timer at a monotonic deadline in the calling thread's hub; the callback runs in a
+    fresh greenlet."""
 
-    __slots__ = ("_callback", "_hub", "_watcher")
+    __slots__ = ("_callback", "_watcher")
+    _watcher: Any
 
     def __init__(self, callback: Callable[[], object]) -> None:
-        self._hub, self._callback = gevent.get_hub(), callback
-        self._watcher: Any = None
+        self._callback, self._watcher = callback, None
 
     def arm(self, deadline: float | None) -> None:
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
         if deadline is not None:
-            self._watcher = self._hub.loop.timer(max(0.0, deadline - _now()))
+            self._watcher = gevent.get_hub().loop.timer(max(0.0, deadline - _now()))
             self._watcher.start(gevent.spawn, self._callback, update=True)
 
 
 class _Link:
-    """One socket, TLS over it when configured, and one core connection: a reader greenlet,
-    one hub timer, and a writer greenlet only while the socket does not take a write.
+    """One socket, TLS over it when configured, and the pump it feeds: a reader greenlet
+    (`run`), and a writer greenlet only while the socket does not take a write.
 
-    Writes go out at once from whichever greenlet made them, without waiting: what the
-    socket does not take is queued, in order, for a writer greenlet to send when it can.
-    So an answer costs no greenlet switch, the reader never blocks on a write (two peers
-    both writing and neither reading cannot deadlock), and the queue is bounded.
+    `pump` is the mesh's core connection for this link (`attach`: the link's timer is its),
+    or the agent's runtime while this is its transport, or `DETACHED`: each read goes to
+    whatever it is at that moment. Writes go out at once from whichever greenlet made them,
+    without waiting: what the socket does not take is queued, in order, for a writer
+    greenlet to send when it can. So an answer costs no greenlet switch, the reader never
+    blocks on a write (two peers both writing and neither reading cannot deadlock), and the
+    queue is bounded.
     """
 
-    __slots__ = ("_closing", "_hub", "_pending", "_plaintext", "_timer", "_tls", "_writer",
-                 "done", "pump", "queued", "sock")
+    __slots__ = ("_close_timeout", "_closing", "_hub", "_pending", "_plaintext", "_timer",
+                 "_tls", "_writer", "done", "pump", "queued", "sock")
 
-    def __init__(self, conn: Any, sock: Any, tls: TlsSession | None, plaintext: bytes,
-                 on_event: Callable[[Event], None]) -> None:
+    def __init__(self, sock: Any, tls: TlsSession | None, plaintext: bytes,
+                 close_timeout: float) -> None:
         self._hub, self.sock, self._tls = gevent.get_hub(), sock, tls
         self._plaintext = plaintext  # what came with the TLS handshake's last flight
-        self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
-                         arm_timer=self._arm)
+        self._close_timeout, self.pump = close_timeout, DETACHED
         self._pending: list[bytes] = []  # what the socket has not taken yet, in order
         self._writer: gevent.Greenlet | None = None  # while `_pending` is being sent
         self.queued, self._closing = 0, False
         self.done = gevent.event.Event()
         self._timer = _Timer(self._fire)
 
+    def attach(self, conn: Any, on_event: Callable[[Any], None]) -> _Link:
+        """Drive the core connection `conn` from this link, on the link's timer."""
+        self.pump = Pump(conn, on_event=on_event, write=self.write, close=self.close,
+                         arm_timer=self._timer.arm)
+        return self
+
     def run(self) -> None:
-        """Serve the connection in this greenlet until it ends (then `done` is set)."""
-        self.pump.service()  # the upgrade request (agent) or the handshake timer (mesh)
-        self._read_loop()
+        """Serve the connection in this greenlet until it ends (then `done` is set).
+
+        Past `FAIR_SHARE` bytes read since its last turn, the reader lets the loop poll
+        every other connection first."""
+        tls, data, self._plaintext, taken = self._tls, self._plaintext, b"", 0
+        try:
+            self.pump.service()  # the handshake timer (mesh)
+            while not self.pump.closed:
+                if data:
+                    self.pump.feed(data, _now())
+                if tls is not None and tls.peer_closed:  # close_notify: EOF, ours back
+                    break
+                if taken >= FAIR_SHARE:
+                    taken = 0
+                    gevent.sleep(1e-6)  # above 0: resumed in the loop's next iteration
+                try:
+                    data = self.sock.recv(READ_SIZE)
+                except Exception:  # a reset, or a socket closed under us: EOF
+                    data = b""
+                if not data:
+                    break
+                taken += len(data)
+                if tls is not None:
+                    try:
+                        data = tls.receive_data(data)
+                    finally:  # after a TlsError: the alert that says why
+                        self._send(tls.data_to_send())
+        except TlsError as exc:  # the peer's bytes are not TLS: as a reset
+            log.debug("dropping the connection: %s", exc)
+        finally:
+            if not self.pump.closed:
+                self.pump.eof(_now())
+            self.close()
+            if self._writer is not None:  # the rest of what is queued, for a while
+                self._writer.join(timeout=self._close_timeout)
+            _close(self.sock)  # and a writer still blocked on it fails
+            self.done.set()
 
     def wait_flushed(self, timeout: float) -> None:
         """Until what is queued has gone out (or `timeout`): backpressure for a sender."""
-        writer = self._writer
-        if writer is not None:
-            writer.join(timeout)
+        if self._writer is not None:
+            self._writer.join(timeout)
 
-    def _write(self, chunks: list[bytes]) -> None:
+    def write(self, chunks: list[bytes]) -> None:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         tls = self._tls
         if tls is not None:
@@ -220,8 +254,8 @@ class _Link:
         if self.queued > WRITE_BUFFER_LIMIT:
             self.abort()  # the peer stopped reading: do not grow memory without limit
 
-    def _close(self) -> None:
-        """The core closed: close_notify behind its close frame, then TCP once all is out."""
+    def close(self) -> None:
+        """Closed by the core: close_notify behind what is queued, then TCP once all is out."""
         self._closing = True
         self._timer.arm(None)
         tls = self._tls
@@ -245,44 +279,6 @@ class _Link:
             if self._closing:
                 _close(self.sock)
 
-    def _read_loop(self) -> None:
-        pump, tls = self.pump, self._tls
-        try:
-            if self._plaintext:
-                pump.feed(self._plaintext, _now())
-            self._plaintext = b""
-            while not pump.closed:
-                try:
-                    data = self.sock.recv(READ_SIZE)
-                except Exception:  # a reset, or a socket closed under us: EOF
-                    data = b""
-                if not data:
-                    break
-                if tls is not None:
-                    try:
-                        data = tls.receive_data(data)
-                    finally:  # after a TlsError: the alert that says why
-                        self._send(tls.data_to_send())
-                if data and not pump.closed:
-                    pump.feed(data, _now())
-                if tls is not None and tls.peer_closed:  # close_notify: EOF, ours back
-                    break
-        except TlsError as exc:  # the peer's bytes are not TLS: as a reset
-            log.debug("dropping the connection: %s", exc)
-        finally:
-            if not pump.closed:
-                pump.eof(_now())
-            self._close()
-            writer = self._writer
-            if writer is not None:
-                writer.join(timeout=pump.conn.config.close_timeout)
-                writer.kill(block=False)
-            _close(self.sock)
-            self.done.set()
-
-    def _arm(self, deadline: float | None) -> None:
-        self._timer.arm(None if self._closing else deadline)
-
     def _fire(self) -> None:
         if not self.pump.closed:
             self.pump.timer(_now())  # an early wake-up is harmless: the pump re-arms
@@ -295,56 +291,70 @@ class _Link:
         _close(self.sock)
 
 
-class Agent(AgentBase[_Link, str]):
+class Agent(AgentDriver[str]):
     """A connected-mode agent (spec 1, 3, 5): dials the mesh, runs handlers, reconnects.
 
-    `start()` spawns the connection greenlet; `wait_ready(timeout)` returns once a
-    welcome is seen; `run()` blocks until `stop()` or a final refusal (it raises the
-    typed `HandshakeRejected`). Handlers are plain functions `(arguments, context)`,
-    each in its own greenlet, killed (`GreenletExit`) when the dispatch is cancelled.
+    `start()` begins in this thread's hub and returns at once; `wait_ready(timeout)` returns
+    once a welcome is seen; `run()` blocks until `stop()` or a final refusal (it raises the
+    typed `HandshakeRejected`). `ready` is set while a session is up. Handlers are plain
+    functions `(arguments, context)`, each in its own greenlet, killed (`GreenletExit`) when
+    the dispatch is cancelled. The decisions are the runtime's (`svantic_proto.agent_runtime`):
+    this class dials, moves bytes, runs handlers and keeps one hub timer.
     """
 
-    _clock = staticmethod(_now)
+    _now = staticmethod(_now)
 
-    def _init_adapter(self) -> None:
-        self._cancel_reasons: dict[str, str] = {}
-        self._hub: Any = None
-        self._runner: gevent.Greenlet | None = None
-        self._final_error: BaseException | None = None
-        self._stop_event, self.ready = gevent.event.Event(), gevent.event.Event()
-        self.last_session: SessionStarted | None = None
+    def __init__(self, url: str, *, token: str, instance_id: str,
+                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
+                 config: Config | None = None, session: AgentSession | None = None,
+                 token_provider: Callable[[], str] | None = None,
+                 allow_insecure_loopback: bool = False) -> None:
+        super().__init__(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
+                         agent_type=agent_type, ssl_context=ssl_context, cafile=cafile,
+                         config=config, session=session, token_provider=token_provider,
+                         allow_insecure_loopback=allow_insecure_loopback)
+        self.ready, self._finished = gevent.event.Event(), gevent.event.AsyncResult()
+        self._hub: Any = None  # the hub that owns the agent, from `start()`
+        self._handlers: dict[str, greenlet.greenlet] = {}
+        self._dialling: gevent.Greenlet | None = None
+        self._timer = _Timer(self._fire)
 
-    def _connect_once(self) -> _Link:
-        with gevent.Timeout(self.config.hello_timeout, TimeoutError):
-            sock = gevent.socket.create_connection((self._host, self._port))
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                tls, plaintext = (_handshake(self._ssl, sock, server_hostname=self._host)
-                                  if self._ssl is not None else (None, b""))
-                conn = self._new_connection()
-            except BaseException:
+    # -- the runtime's actions -------------------------------------------------------------
+
+    def _arm(self, deadline: float | None) -> None:
+        self._timer.arm(deadline)
+
+    def _dial(self, dial: Dial) -> None:
+        self._dialling = gevent.spawn(self._connect, dial)
+
+    def _connect(self, dial: Dial) -> None:
+        """TCP, then TLS (`wss://`, spec 1), then serve the transport in this greenlet. No
+        timeout of its own: at the runtime's dial deadline `_cancel_dial` kills it."""
+        sock = None
+        try:
+            sock = gevent.socket.create_connection((dial.host, dial.port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            tls, plaintext = (_handshake(self._ssl, sock, server_hostname=dial.host)
+                              if self._ssl is not None else (None, b""))
+        except BaseException as exc:
+            if sock is not None:
                 _close(sock)
-                raise
-        self.ready.clear()
-        self.link = _Link(conn, sock, tls, plaintext, self._on_event)
-        gevent.spawn(self.link.run)
-        return self.link
+            if not isinstance(exc, Exception):
+                raise  # GreenletExit: the dial was abandoned
+            self._dial_failed(dial.attempt, exc)
+            return
+        link = _Link(sock, tls, plaintext, self.config.close_timeout)
+        if self._opened(dial.attempt, link):
+            self._dialling = None  # it is the transport's reader now: no dial to cancel
+            link.run()
 
-    def _cancel_handler(self, event: DispatchCancelled) -> None:
-        running = self._handlers.get(event.dispatch_id)  # (greenlet, context)
-        if running is not None:
-            running[1].cancelled = True
-            self._cancel_reasons[event.dispatch_id] = event.reason
-            # Thrown from the hub, never here: this may run inside the handler's own greenlet
-            # (its answer drained the pump), where a throw would cut the pump short.
-            self._hub.loop.run_callback(_kill, running[0])
+    def _cancel_dial(self) -> None:
+        dialling, self._dialling = self._dialling, None
+        if dialling is not None:
+            dialling.kill(block=False)
 
-    def _session_started(self, event: SessionStarted) -> None:
-        self.last_session = event
-        self.ready.set()
-
-    def _spawn_handler(self, handler: Callable[..., Any], event: DispatchReceived,
-                       context: DispatchContext) -> None:
+    def _start_handler(self, start: StartHandler) -> None:
         """Start the handler in a greenlet of its own at once, as an eager task starts.
 
         A handler that answers without blocking (most do) runs to its end before this
@@ -354,106 +364,95 @@ class Agent(AgentBase[_Link, str]):
         then finishes into the hub, as a spawned greenlet would.
         """
         current, hub = greenlet.getcurrent(), self._hub
-        if current is hub:  # not a greenlet that may wait (the core's events come from
-            gevent.spawn(self._spawn_handler, handler, event, context)  # the reader's)
+        if current is hub:  # not a greenlet that may wait: start from one that may
+            gevent.spawn(self._start_handler, start)
             return
         runner = greenlet.greenlet(self._run_handler, parent=current)
-        self._handlers[event.dispatch_id] = (runner, context)
+        self._handlers[start.dispatch_id] = runner
         resume = hub.loop.run_callback(current.switch)
-        runner.switch(handler, event, context)
+        runner.switch(start)
         if runner.dead:  # it ended without blocking (or after, before the resumption ran)
             resume.stop()
         else:  # it blocked: the hub resumed us and is where it goes on and ends
             runner.parent = hub
 
-    def _run_handler(self, handler: Callable[..., Any], event: DispatchReceived,
-                     context: DispatchContext) -> None:
-        self.handler_runs += 1
-        dispatch_id = event.dispatch_id
+    def _run_handler(self, start: StartHandler) -> None:
+        dispatch_id = start.dispatch_id
         try:
-            result = handler(event.arguments, context)
+            result = start.handler(start.arguments, start.context)
         except Exception as exc:  # a handler failure is the dispatch's failure, not ours
-            self._answer(dispatch_id, "send_error", *handler_outcome(exc))
-        except BaseException:  # GreenletExit: cancelled (spec 3), or the process is ending
-            reason = self._cancel_reasons.pop(dispatch_id, None)
-            if reason is not None:
-                self._answer(dispatch_id, "send_cancelled")
-            else:
-                self._answer(dispatch_id, "send_error", "DISPATCH_FAILED", "handler gave no answer")
+            self._raised(dispatch_id, exc)
+        except BaseException:  # GreenletExit: ours (CancelHandler) or anyone's; the runtime
+            self._cancelled(dispatch_id)  # tells them apart
             raise
         else:
-            self._answer(dispatch_id, "send_result", result)
+            self._returned(dispatch_id, result)
         finally:
             self._handlers.pop(dispatch_id, None)
-            self._cancel_reasons.pop(dispatch_id, None)
 
-    refresh_token = _owned(AgentBase.refresh_token)
+    def _cancel_handler(self, dispatch_id: str) -> None:
+        # Thrown from the hub, never here: this may run inside the handler's own greenlet
+        # (its answer drained the pump), where a throw would cut the pump short.
+        self._hub.loop.run_callback(_kill, self._handlers.get(dispatch_id))
 
-    def connections(self) -> Iterator[AgentConnection]:
-        """Yield each established connection; reconnect by the core's backoff and retry (spec 5)."""
-        while not self._stopping:
-            retry: RetryDecision
+    def _fetch_token(self, provider: Callable[[], str]) -> None:
+        def fetch() -> None:
             try:
-                link = self._connect_once()
-                gevent.wait([link.done, self.ready], count=1)
-                if self.ready.is_set():
-                    yield link.pump.conn
-                link.done.wait()
-                retry = self._retry_decision()
-            except (TimeoutError, OSError):
-                retry = RetryDecision.RETRY
-            if self._stopping:
-                return
-            if provider := self._token_refresher(retry):
-                self._use_fresh_token(provider())
-            self._stop_event.wait(self.session.next_delay())  # stop() cuts the backoff short
+                token: str | None = provider()
+            except Exception:
+                log.exception("%s: the token provider failed", self.instance_id)
+                token = None
+            self._token_fetched(token)
 
-    def _run_connections(self) -> None:
-        try:
-            for _ in self.connections():
-                pass
-        except Exception as exc:  # a final refusal, raised by run() and wait_ready()
-            self._final_error = exc
+        gevent.spawn(fetch)
+
+    def _ready_changed(self, ready: bool) -> None:
+        (self.ready.set if ready else self.ready.clear)()
+
+    def _stopped(self, error: BaseException | None) -> None:
+        self.ready.clear()  # also after a transport dropped without a close
+        if error is None:
+            self._finished.set(None)
+        else:
+            self._finished.set_exception(error)
+
+    # -- the API ---------------------------------------------------------------------------
+
+    refresh_token = _owned(AgentDriver.refresh_token)
 
     def start(self) -> Agent:
-        """Spawn the connection greenlet in this thread's hub and return at once."""
-        if self._runner is None:
+        """Begin in this thread's hub (it owns the agent from now on) and return at once."""
+        if self._hub is None:
             self._hub = gevent.get_hub()
-            self._runner = gevent.spawn(self._run_connections)
+            self.runtime.start(self._now())
+            self.pump.service()
         return self
 
     @_owned
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until a welcome is seen; raise the final refusal, or TimeoutError."""
-        if self._runner is None:
+        if self._hub is None:
             raise LocalProtocolError("call start() first")
-        gevent.wait([self.ready, self._runner], timeout=timeout, count=1)
+        gevent.wait([self.ready, self._finished], timeout=timeout, count=1)
         if self.ready.is_set():
             return True
-        if self._final_error is not None:
-            raise self._final_error
+        if self._finished.ready():
+            self._finished.get()  # raises the final refusal
         raise TimeoutError(f"agent {self.instance_id} not ready after {timeout} s")
 
     @_owned
     def run(self) -> None:
-        """Keep the agent connected until `stop()`; raise a final refusal."""
-        self.start()._runner.join()  # type: ignore[union-attr]
-        if self._final_error is not None:
-            raise self._final_error
+        """Keep the agent connected until `stop()`; raise a final refusal (spec 5)."""
+        self.start()._finished.get()
 
     @_owned
     def stop(self, grace: float | None = None) -> None:
-        """close_request (spec 3): finish in-flight work up to the grace, then close 1000."""
-        self._stop_event.set()
-        link = self._begin_stop(grace)
-        if link is not None:
-            wait = self.config.close_grace if grace is None else grace
-            if not link.done.wait(wait + self.config.close_timeout + 1.0):
-                link.abort()
-        if self._runner is not None:
-            self._runner.kill(timeout=self.config.close_timeout)  # ends a dial in progress
-        if self.link is not None and self.link is not link:
-            self.link.abort()  # a connection the dial opened while we were closing
+        """close_request (spec 3): finish in-flight work up to the grace, then close 1000; at
+        once while dialling or backing off. Returns once the agent has stopped (at the latest
+        after the grace and `Config.close_timeout`)."""
+        self.runtime.stop(self._now(), grace)
+        self.pump.service()
+        self._finished.wait()
 
     def __enter__(self) -> Agent:
         self.start().wait_ready()
@@ -463,9 +462,16 @@ class Agent(AgentBase[_Link, str]):
         self.stop()
 
 
-def connect(url: str, **options: Any) -> Agent:
+def connect(url: str, *, token: str, instance_id: str, dispatch_auth: DispatchAuthVerifier,
+            agent_type: str | None = None, ssl_context: ssl.SSLContext | None = None,
+            cafile: str | None = None, config: Config | None = None,
+            session: AgentSession | None = None, token_provider: Callable[[], str] | None = None,
+            allow_insecure_loopback: bool = False) -> Agent:
     """`with connect(url, ...) as agent:` (started and ready), or `agent.start()` yourself."""
-    return Agent(url, **options)
+    return Agent(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
+                 agent_type=agent_type, ssl_context=ssl_context, cafile=cafile, config=config,
+                 session=session, token_provider=token_provider,
+                 allow_insecure_loopback=allow_insecure_loopback)
 
 
 class AgentLink(AgentLinkBase["MeshServer", _Link]):
@@ -506,14 +512,13 @@ class MeshServer(MeshBase[AgentLink, _Link]):
         self._agents_changed, self._closed = gevent.event.Event(), gevent.event.Event()
         self._hub: Any = None
         self._server: StreamServer | None = None
-        self._store_timer: _Timer | None = None
+        self._store_timer = _Timer(lambda: self._expire_store(_now()))
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen (large backlog, for reconnect storms) and accept in this thread's hub.
 
         Past `max_connections`, new connections wait in the backlog until one ends."""
         self._hub = gevent.get_hub()
-        self._store_timer = _Timer(lambda: self._expire_store(_now()))
         self._server = StreamServer((host, port), self._serve, backlog=self.backlog,
                                     spawn=Pool(self.max_connections))
         self._server.start()
@@ -533,8 +538,7 @@ class MeshServer(MeshBase[AgentLink, _Link]):
             if self._ssl is not None:
                 with gevent.Timeout(self.config.hello_timeout, TimeoutError):
                     tls, plaintext = _handshake(self._ssl, sock)
-            link = self._open_link(
-                lambda conn, on_event: _Link(conn, sock, tls, plaintext, on_event))
+            link = self._open_link(_Link(sock, tls, plaintext, self.config.close_timeout).attach)
             link.run()  # in this greenlet: no second one per connection
         except (OSError, TimeoutError):
             _close(sock)  # a failed TLS handshake: nothing reached the core yet
@@ -563,8 +567,7 @@ class MeshServer(MeshBase[AgentLink, _Link]):
         return self._available_agent(instance_id).dispatch(capability, arguments, **options)
 
     def _arm_store_timer(self) -> None:
-        if self._store_timer is not None:
-            self._store_timer.arm(None if self._closed.is_set() else self.store.next_deadline())
+        self._store_timer.arm(None if self._closed.is_set() else self.store.next_deadline())
 
     @_owned
     def close(self, grace: float | None = None) -> None:

@@ -19,8 +19,13 @@ Actions: `Dial` (open a transport; report `transport_open()` or `dial_failed()`)
 `CancelHandler`, `FetchToken` (call the token provider, then `token_fetched()`), and
 `Stopped` (the agent is done: `error` is the final refusal, or None after `stop()`).
 
-Like the core it never touches a socket or a clock. It logs under `svantic.agent`: one
-INFO line per connection state change, a WARNING with the traceback when a handler raises.
+Like the core it never touches a socket or a clock. It logs under `svantic.agent`, each line
+starting with the instance id: INFO for each step of the reconnect machine (dialling, a failed
+dial, the backoff delay, connected or resumed, refused, closed, stopping, stopped), WARNING for
+a TLS dial failure, a handler that raised (with its traceback) or gave no answer, a result that
+is not JSON, a failed token fetch, and giving up after a final refusal. `logging` is imported
+when the first runtime is made, not with this module: it imports `threading`, which gevent must
+patch first.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reconnect backoff and the "retry or give up" decisions of spec section 5.
 
-The client core owns reconnecting (STYLE: a decision two adapters would both
+`AgentRuntime` owns reconnecting (STYLE: a decision two adapters would both
 make belongs in the core): it asks `Backoff.next_delay()` how long to wait,
 adds it to its own `now`, and asks the `classify_*` functions whether a failed
 handshake or a closed connection is worth another attempt. Pure: randomness is

@@ -31,9 +31,11 @@ timer at `next_deadline()`, calling `handle_timer(now)` when it passes:
 * `ShutdownComplete()`: `begin_shutdown` finished.
 
 It logs under `svantic.mesh`: INFO for each refused upgrade, each agent connected,
-resumed, replaced or disconnected, and each shutdown step; WARNING when an upgrade is
-answered 503 because a lookup failed. `logging` is imported when the first runtime is
-built, not with this module: it imports `threading`, which gevent must patch first.
+resumed, replaced or disconnected, each handshake dropped (over `max_handshakes` or past
+`Config.hello_timeout`), and each shutdown step; WARNING when an upgrade is answered 503
+because a lookup failed; ERROR when an `on_chunk` callback or a waiter raises. `logging` is
+imported when the first runtime is built, not with this module: it imports `threading`, which
+gevent must patch first.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from __future__ import annotations
 import enum
 import heapq
 import math
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeAlias, TypeVar
@@ -382,7 +384,7 @@ class MeshRuntime(Generic[L]):
         self._refresh(link, state)
         return conn
 
-    def connection_events(self, link: L, events: list[Event], now: float) -> None:
+    def connection_events(self, link: L, events: Sequence[Event], now: float) -> None:
         """Every event of the link's connection, in order (from the driver's pump)."""
         state = self._links.get(link)
         for event in events:

@@ -1128,3 +1128,55 @@ def upgrade_headers(*, subprotocol: str = "svantic.v1", token: str | None = GOOD
     if token is not None:
         headers.append(("Authorization", f"Bearer {token}"))
     return headers
+
+
+class SilentListener(_LoopbackListener):
+    """Accepts TCP and never answers: a TLS handshake to it never completes.
+
+    What a client sends (its ClientHello) is read and dropped; `accepted_at` records each
+    connection, `eof_at` when its client hung up, so a test can see a dial abandoned.
+    """
+
+    def __init__(self) -> None:
+        self.accepted_at: list[float] = []
+        self.eof_at: list[float] = []
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        super().__init__("silent-listener")
+
+    def _accepted(self, sock: socket.socket) -> None:
+        with self._lock:
+            self.accepted_at.append(time.monotonic())
+            self._sockets.append(sock)
+        threading.Thread(target=self._drain, args=(sock,), daemon=True,
+                         name="silent-listener-conn").start()
+
+    def _drain(self, sock: socket.socket) -> None:
+        while not self._closing:
+            try:
+                readable, _, _ = select.select([sock], [], [], 0.05)
+                if not readable:
+                    continue
+                data = sock.recv(65536)
+            except (OSError, ValueError):
+                data = b""
+            if not data:
+                with self._lock:
+                    self.eof_at.append(time.monotonic())
+                return
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released): a dial to it is refused."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((HOST, 0))
+        port: int = probe.getsockname()[1]
+    return port

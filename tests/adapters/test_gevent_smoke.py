@@ -26,13 +26,13 @@ from svantic_adapters.gevent import Agent, MeshServer
 
 from svantic_proto import (
     AgentSession,
-    Backoff,
     Config,
     DispatchAuthMinter,
     DispatchAuthVerifier,
     InstanceRecord,
     jwt_dispatch_auth,
 )
+from svantic_proto.backoff import Backoff
 from svantic_proto.handshake import HandshakeRejected
 
 WAIT = 10.0
@@ -279,7 +279,7 @@ def test_tcp_cut_mid_dispatch_resumes_and_runs_the_handler_once(
     assert caller.outcome() == {"released": True, "attempt": 1}
     assert agent.handler_runs == 1  # the replayed dispatch did not start a second run
     assert agent.link is not first_link
-    session = agent.last_session
+    session = agent.last_started
     assert session is not None and session.resumed
     assert len(session.replayed_dispatches) == 1
     assert agent.session.connections == 2
