@@ -82,6 +82,7 @@ class AgentDriver(Generic[TokenT]):
                          close=self._close_transport, arm_timer=self._arm_lazily, latch=False)
         self.runtime.on_output = self.pump.service
         self._armed: float | None = None
+        self._setup()
 
     # -- what users read -----------------------------------------------------------------
 
@@ -137,6 +138,10 @@ class AgentDriver(Generic[TokenT]):
         return sent
 
     # -- hooks each driver implements ----------------------------------------------------
+
+    def _setup(self) -> None:
+        """The driver's own state (ready event, running handlers, timer); called last by
+        `__init__`, so every driver keeps the one keyword signature above."""
 
     def _now(self) -> float:
         raise NotImplementedError
@@ -213,6 +218,15 @@ class AgentDriver(Generic[TokenT]):
         kind, reason = dial_failure(error)
         self.runtime.dial_failed(attempt, kind, reason, self._now())
         self.pump.service()
+
+    async def _fetch_token_async(self, provider: Callable[[], Any]) -> None:
+        """The token step on an async driver, run in a task of its own."""
+        try:
+            token: str | None = await provider()
+        except Exception:
+            log.exception("%s: the token provider failed", self.instance_id)
+            token = None
+        self._token_fetched(token)
 
     def _token_fetched(self, token: str | None) -> None:
         self.runtime.token_fetched(token, self._now())

@@ -25,8 +25,8 @@ from svantic_proto.events import Event
 from ._pump import Pump
 from ._tls import TlsError, TlsSession
 
-__all__ = ["WRITE_BUFFER_LIMIT", "ProtocolLink", "dial", "dispatch", "listen", "spawn_handler",
-           "start_handler"]
+__all__ = ["WRITE_BUFFER_LIMIT", "Dialling", "LoopTimer", "ProtocolLink", "dial", "dispatch",
+           "listen", "spawn_handler", "start_handler"]
 
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
@@ -263,30 +263,70 @@ class ProtocolLink(asyncio.Protocol):
 LinkT = TypeVar("LinkT", bound=ProtocolLink)
 
 
-def dial(agent: Any, dial: Dial, link_class: Callable[..., LinkT]) -> asyncio.Task[None]:
+class LoopTimer:
+    """The one timer of an agent or a mesh on the running loop: `_arm` moves it, and it
+    calls `_fire` (the driver base's) when it passes."""
+
+    _timer: asyncio.TimerHandle | None = None
+    _fire: Callable[[], None]  # the driver base's
+
+    def _arm(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._fire)
+
+
+class Dialling:
+    """A dial under way. `cancel()` stops it, and drops a transport that is open but not
+    yet handed to the agent (its TLS handshake under way)."""
+
+    __slots__ = ("link", "task")
+
+    def __init__(self) -> None:
+        self.link: ProtocolLink | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.link is not None:
+            self.link.abort()
+            self.link = None
+
+
+def dial(agent: Any, dial: Dial, link_class: Callable[..., LinkT]) -> Dialling:
     """Open the transport of `dial` for an `AgentDriver`: TCP, then TLS (`wss://`, spec 1);
-    the runtime's deadline bounds both (its `AbortTransport` cancels the task)."""
+    the runtime's deadline bounds both (its `AbortTransport` cancels the dial)."""
     loop = asyncio.get_running_loop()
+    dialling = Dialling()
 
     def on_open(link: Any, error: BaseException | None) -> None:
+        dialling.link = None  # handed over (or failed): no longer the dial's to drop
         if error is not None:
             agent._dial_failed(dial.attempt, error)
         else:
             agent._opened(dial.attempt, link)
+
+    def new_link() -> LinkT:
+        link = link_class(tls, agent.config, on_open)
+        dialling.link = link
+        return link
 
     tls = (TlsSession(agent._ssl, server_side=False, server_hostname=dial.host)
            if agent._ssl is not None else None)
 
     async def connect() -> None:
         try:
-            await loop.create_connection(lambda: link_class(tls, agent.config, on_open),
-                                         dial.host, dial.port)
+            await loop.create_connection(new_link, dial.host, dial.port)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # refused, name resolution, ...: the runtime decides
             agent._dial_failed(dial.attempt, exc)
 
-    return loop.create_task(connect())
+    dialling.task = loop.create_task(connect())
+    return dialling
 
 
 async def listen(server: Any, link_class: Callable[..., ProtocolLink], host: str,

@@ -158,8 +158,8 @@ class StreamLink:
                     self.queued -= len(data)
                     self._progress.set()
                     self._progress = self.new_event()
-        except Exception:  # the transport broke: the reader sees the end as well
-            pass
+        except Exception as exc:  # the transport broke: the reader sees the end as well
+            log.debug("write failed, closing the stream: %r", exc)
         finally:
             self._closing = True
             self._progress.set()

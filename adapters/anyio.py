@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import inspect
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
@@ -26,7 +25,7 @@ import anyio
 import anyio.lowlevel
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 
-from svantic_proto import AgentSession, Config, DispatchAuthVerifier, LocalProtocolError
+from svantic_proto import LocalProtocolError
 from svantic_proto.agent_runtime import Dial, StartHandler
 from svantic_proto.capabilities import DispatchContext
 from svantic_proto.errors import DispatchError, HandlerError
@@ -60,23 +59,13 @@ class Agent(AgentDriver[Awaitable[str]]):
     replaced by a fresh one when it ends: read the attribute when you wait.
     """
 
-    def __init__(self, url: str, *, token: str, instance_id: str,
-                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
-                 config: Config | None = None, session: AgentSession | None = None,
-                 token_provider: Callable[[], Awaitable[str]] | None = None,
-                 allow_insecure_loopback: bool = False) -> None:
-        super().__init__(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
-                         agent_type=agent_type, ssl_context=ssl_context, cafile=cafile,
-                         config=config, session=session, token_provider=token_provider,
-                         allow_insecure_loopback=allow_insecure_loopback)
+    def _setup(self) -> None:
         self.ready = anyio.Event()
         self._backend: Any = None  # anyio's backend class, once it runs
         self._native = False  # on the asyncio backend: its transport and handler tasks
         self._handlers: dict[str, Any] = {}
         """Running handlers by dispatch id: asyncio tasks, or cancel scopes on trio."""
         self._dialling: Any = None  # the dial's task (asyncio) or cancel scope
-        self._dialled: ProtocolLink | None = None
         self._group: TaskGroup | None = None  # while it runs
         self._timer: Timer | None = None
         self._settled, self._finished = anyio.Event(), anyio.Event()  # up or stopped; stopped
@@ -91,9 +80,8 @@ class Agent(AgentDriver[Awaitable[str]]):
             self._timer.arm(deadline)
 
     def _dial(self, dial: Dial) -> None:
-        self._dialled = None
         if self._native:
-            self._dialling = _protocol.dial(self, dial, self._protocol_link)
+            self._dialling = _protocol.dial(self, dial, ProtocolLink)
         else:
             self._dialling = scope = self._backend.create_cancel_scope()
             self._spawn(self._connect, dial, scope)
@@ -113,16 +101,10 @@ class Agent(AgentDriver[Awaitable[str]]):
         self._opened(dial.attempt, link)  # or aborted: then `run()` just closes the stream
         await link.run()
 
-    def _protocol_link(self, *args: Any) -> ProtocolLink:
-        self._dialled = link = ProtocolLink(*args)
-        return link
-
     def _cancel_dial(self) -> None:
-        if self._dialling is not None:
+        if self._dialling is not None:  # a cancel scope, or the asyncio transport's Dialling
             self._dialling.cancel()
-        if self._dialled is not None:  # on asyncio: TCP up, the TLS handshake under way
-            self._dialled.abort()
-        self._dialling = self._dialled = None
+        self._dialling = None
 
     def _start_handler(self, start: StartHandler) -> None:
         if self._native:
@@ -144,7 +126,7 @@ class Agent(AgentDriver[Awaitable[str]]):
                 else:
                     self._returned(dispatch_id, result)
         except anyio.get_cancelled_exc_class():  # not ours: it ends the handler, not the agent
-            pass
+            log.debug("%s: handler of %s cancelled from outside", self.instance_id, dispatch_id)
         finally:  # cancelled, by our CancelHandler or anything else: the runtime answers
             self._handlers.pop(dispatch_id, None)
             self._cancelled(dispatch_id)  # nothing once the handler answered
@@ -155,15 +137,7 @@ class Agent(AgentDriver[Awaitable[str]]):
             running.cancel()
 
     def _fetch_token(self, provider: Callable[[], Awaitable[str]]) -> None:
-        async def fetch() -> None:
-            try:
-                token: str | None = await provider()
-            except Exception:
-                log.exception("%s: the token provider failed", self.instance_id)
-                token = None
-            self._token_fetched(token)
-
-        self._spawn(fetch)
+        self._spawn(self._fetch_token_async, provider)
 
     def _spawn(self, function: Callable[..., Coroutine[Any, Any, None]], *args: Any) -> None:
         if self._group is not None:  # None only once the agent ended
@@ -242,17 +216,8 @@ class Agent(AgentDriver[Awaitable[str]]):
             await self._finished.wait()
 
 
-def connect(url: str, *, token: str, instance_id: str, dispatch_auth: DispatchAuthVerifier,
-            agent_type: str | None = None, ssl_context: ssl.SSLContext | None = None,
-            cafile: str | None = None, config: Config | None = None,
-            session: AgentSession | None = None,
-            token_provider: Callable[[], Awaitable[str]] | None = None,
-            allow_insecure_loopback: bool = False) -> Agent:
-    """`async with connect(url, ...) as agent:` (connected and ready), or `await agent.run()`."""
-    return Agent(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
-                 agent_type=agent_type, ssl_context=ssl_context, cafile=cafile, config=config,
-                 session=session, token_provider=token_provider,
-                 allow_insecure_loopback=allow_insecure_loopback)
+connect = Agent
+"""`async with connect(url, ...) as agent:` (connected and ready), or `await agent.run()`."""
 
 
 AnyLink = StreamLink | ProtocolLink

@@ -16,9 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from svantic_proto import (
-    AgentSession,
     Config,
-    DispatchAuthVerifier,
     LocalProtocolError,
     ResumeStore,
 )
@@ -32,7 +30,7 @@ from svantic_proto.mesh_runtime import AdmissionNeeded
 from . import _protocol
 from ._agent import AgentDriver
 from ._mesh import AgentHandle, MeshDriver
-from ._protocol import WRITE_BUFFER_LIMIT, ProtocolLink, dispatch, listen
+from ._protocol import WRITE_BUFFER_LIMIT, LoopTimer, ProtocolLink, dispatch, listen
 
 __all__ = [
     "WRITE_BUFFER_LIMIT",
@@ -48,7 +46,7 @@ __all__ = [
 log = logging.getLogger("svantic.agent")
 
 
-class Agent(AgentDriver[Awaitable[str]]):
+class Agent(LoopTimer, AgentDriver[Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
     `async with connect(...) as agent` returns once the first welcome is seen;
@@ -56,33 +54,16 @@ class Agent(AgentDriver[Awaitable[str]]):
     (which raises the typed `HandshakeRejected`). `ready` is set while a session is up.
     """
 
-    def __init__(self, url: str, *, token: str, instance_id: str,
-                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
-                 config: Config | None = None, session: AgentSession | None = None,
-                 token_provider: Callable[[], Awaitable[str]] | None = None,
-                 allow_insecure_loopback: bool = False) -> None:
-        super().__init__(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
-                         agent_type=agent_type, ssl_context=ssl_context, cafile=cafile,
-                         config=config, session=session, token_provider=token_provider,
-                         allow_insecure_loopback=allow_insecure_loopback)
+    def _setup(self) -> None:
         self.ready = asyncio.Event()
         self._handlers: dict[str, asyncio.Task[None]] = {}
-        self._dialling: asyncio.Task[None] | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._dialling: _protocol.Dialling | None = None
         self._finished: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._clock: Callable[[], float] = lambda: asyncio.get_running_loop().time()
 
     def _now(self) -> float:
         return self._clock()
-
-    def _arm(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._fire)
 
     def _dial(self, dial: Dial) -> None:
         self._dialling = _protocol.dial(self, dial, ProtocolLink)
@@ -101,15 +82,7 @@ class Agent(AgentDriver[Awaitable[str]]):
             task.cancel()
 
     def _fetch_token(self, provider: Callable[[], Awaitable[str]]) -> None:
-        async def fetch() -> None:
-            try:
-                token: str | None = await provider()
-            except Exception:
-                log.exception("%s: the token provider failed", self.instance_id)
-                token = None
-            self._token_fetched(token)
-
-        asyncio.get_running_loop().create_task(fetch())
+        asyncio.get_running_loop().create_task(self._fetch_token_async(provider))
 
     def _ready_changed(self, ready: bool) -> None:
         if ready:
@@ -172,17 +145,8 @@ class Agent(AgentDriver[Awaitable[str]]):
                 await runner
 
 
-def connect(url: str, *, token: str, instance_id: str, dispatch_auth: DispatchAuthVerifier,
-            agent_type: str | None = None, ssl_context: ssl.SSLContext | None = None,
-            cafile: str | None = None, config: Config | None = None,
-            session: AgentSession | None = None,
-            token_provider: Callable[[], Awaitable[str]] | None = None,
-            allow_insecure_loopback: bool = False) -> Agent:
-    """`async with connect(url, ...) as agent:` (connected and ready), or `await agent.run()`."""
-    return Agent(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
-                 agent_type=agent_type, ssl_context=ssl_context, cafile=cafile, config=config,
-                 session=session, token_provider=token_provider,
-                 allow_insecure_loopback=allow_insecure_loopback)
+connect = Agent
+"""`async with connect(url, ...) as agent:` (connected and ready), or `await agent.run()`."""
 
 
 class AgentLink(AgentHandle[ProtocolLink]):
@@ -205,7 +169,7 @@ class AgentLink(AgentHandle[ProtocolLink]):
             on_chunk=on_chunk, task_id=task_id, session_context=session_context)
 
 
-class MeshServer(MeshDriver[ProtocolLink]):
+class MeshServer(LoopTimer, MeshDriver[ProtocolLink]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
     `verify_token(token)` returns claims with `tenant_id` (an object or a mapping) or
@@ -224,20 +188,12 @@ class MeshServer(MeshDriver[ProtocolLink]):
                          max_connections=max_connections, max_handshakes=max_handshakes,
                          backlog=backlog)
         self._server: asyncio.Server | None = None
-        self._timer: asyncio.TimerHandle | None = None
         self._arrived = asyncio.Event()
         self._shut: asyncio.Event | None = None
         self._clock: Callable[[], float] = lambda: asyncio.get_running_loop().time()
 
     def _now(self) -> float:
         return self._clock()
-
-    def _arm(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if deadline is not None:
-            self._timer = asyncio.get_running_loop().call_at(deadline, self._fire)
 
     def _new_handle(self, link: ProtocolLink) -> AgentLink:
         return AgentLink(self, link)

@@ -39,7 +39,6 @@ import greenlet
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from svantic_proto import AgentSession, Config, DispatchAuthVerifier
 from svantic_proto.agent_runtime import Dial, StartHandler
 from svantic_proto.errors import HandshakeRejected, LocalProtocolError
 
@@ -304,16 +303,7 @@ class Agent(AgentDriver[str]):
 
     _now = staticmethod(_now)
 
-    def __init__(self, url: str, *, token: str, instance_id: str,
-                 dispatch_auth: DispatchAuthVerifier, agent_type: str | None = None,
-                 ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
-                 config: Config | None = None, session: AgentSession | None = None,
-                 token_provider: Callable[[], str] | None = None,
-                 allow_insecure_loopback: bool = False) -> None:
-        super().__init__(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
-                         agent_type=agent_type, ssl_context=ssl_context, cafile=cafile,
-                         config=config, session=session, token_provider=token_provider,
-                         allow_insecure_loopback=allow_insecure_loopback)
+    def _setup(self) -> None:
         self.ready, self._finished = gevent.event.Event(), gevent.event.AsyncResult()
         self._hub: Any = None  # the hub that owns the agent, from `start()`
         self._handlers: dict[str, greenlet.greenlet] = {}
@@ -462,16 +452,8 @@ class Agent(AgentDriver[str]):
         self.stop()
 
 
-def connect(url: str, *, token: str, instance_id: str, dispatch_auth: DispatchAuthVerifier,
-            agent_type: str | None = None, ssl_context: ssl.SSLContext | None = None,
-            cafile: str | None = None, config: Config | None = None,
-            session: AgentSession | None = None, token_provider: Callable[[], str] | None = None,
-            allow_insecure_loopback: bool = False) -> Agent:
-    """`with connect(url, ...) as agent:` (started and ready), or `agent.start()` yourself."""
-    return Agent(url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
-                 agent_type=agent_type, ssl_context=ssl_context, cafile=cafile, config=config,
-                 session=session, token_provider=token_provider,
-                 allow_insecure_loopback=allow_insecure_loopback)
+connect = Agent
+"""`with connect(url, ...) as agent:` (started and ready), or `agent.start()` yourself."""
 
 
 class AgentLink(AgentLinkBase["MeshServer", _Link]):

@@ -295,18 +295,7 @@ def test_stop_returns_within_close_timeout(lifecycle: Lifecycle, caplog: pytest.
         wait_until(lambda: mesh.link_closed(link), 2.0, "the mesh to see the agent go")
 
 
-HALF_OPEN_DIAL = pytest.mark.xfail(
-    reason="the asyncio adapter's AbortTransport cancels only the create_connection task: "
-           "once TCP is up the TLS handshake's transport stays open until its own "
-           "hello_timeout timer fires", strict=False)
-DIAL_DROP_PARAMS = [
-    pytest.param(kind, id=kind,
-                 marks=[*_marks(kind), *([HALF_OPEN_DIAL] if kind == "asyncio" else [])])
-    for kind in DRIVERS
-]
-
-
-@pytest.mark.parametrize("kind", DIAL_DROP_PARAMS)
+@pytest.mark.parametrize("kind", KIND_PARAMS)
 def test_stop_while_dialling_drops_the_unfinished_connection(lifecycle: Lifecycle,
                                                             kind: str) -> None:
     silent = lifecycle.silent()
