@@ -237,6 +237,23 @@ class MeshDriver(Generic[LinkT]):
                 record = exc
         self._admitted(action, claims, record)
 
+    async def _admission(self, action: AdmissionNeeded[Any], claims: Any, record: Any) -> None:
+        """The rest of an admission whose verify or lookup is a coroutine (async drivers run
+        it in a task of their own)."""
+        try:
+            if inspect.isawaitable(claims):
+                claims = await claims
+            if record is None and action.instance_id is not None:
+                record = self._lookup(action.instance_id)
+            if inspect.isawaitable(record):
+                record = await record
+        except Exception as exc:  # the runtime tells 401 from 503
+            if claims is None or inspect.isawaitable(claims):
+                claims = exc
+            else:
+                record = exc
+        self._admitted(action, claims, record)
+
     def _admitted(self, action: AdmissionNeeded[Any], claims: Any,
                   record: InstanceRecord | BaseException | None) -> None:
         if action.link in self._handles:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -200,21 +199,6 @@ class MeshServer(LoopTimer, MeshDriver[ProtocolLink]):
 
     def _admit_async(self, action: AdmissionNeeded[Any], claims: Any, record: Any) -> None:
         asyncio.get_running_loop().create_task(self._admission(action, claims, record))
-
-    async def _admission(self, action: AdmissionNeeded[Any], claims: Any, record: Any) -> None:
-        try:
-            if inspect.isawaitable(claims):
-                claims = await claims
-            if record is None and action.instance_id is not None:
-                record = self._lookup(action.instance_id)
-            if inspect.isawaitable(record):
-                record = await record
-        except Exception as exc:  # the runtime tells 401 from 503
-            if claims is None or inspect.isawaitable(claims):
-                claims = exc
-            else:
-                record = exc
-        self._admitted(action, claims, record)
 
     def _agent_arrived(self) -> None:
         arrived, self._arrived = self._arrived, asyncio.Event()

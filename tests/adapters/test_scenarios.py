@@ -504,3 +504,79 @@ def test_binary_message_closes_1003(scenario: Scenario, mesh_kind: str) -> None:
     mesh = scenario.mesh(mesh_kind)
     with _raw_session(scenario, mesh) as ws:
         assert _close_code_after(ws, b"\x00\x01binary") == 1003
+
+
+# -- admission and the instance table (the mesh runtime, over every mesh) --------------------
+
+
+@pytest.mark.parametrize("mesh_kind", KIND_PARAMS)
+def test_a_second_connection_that_leaves_never_strands_the_live_agent(
+        scenario: Scenario, mesh_kind: str) -> None:
+    """Newest wins (docs/protocol-decisions.md): the live agent is replaced with 1001 and
+    reconnects; when the newer connection leaves, the table does not keep a dead entry nor
+    lose the live one, so dispatches reach the agent again."""
+    mesh = scenario.mesh(mesh_kind)
+    agent = scenario.agent("asyncio", mesh.url)
+    assert mesh.dispatch(agent.instance_id, "echo", {"n": 1}) == {"n": 1}
+    # A second process configured with the same instance id: hello, welcome, then it leaves.
+    with websockets.sync.client.connect(
+            f"wss://{HOST}:{mesh.port}/agents/connect?instance_id={agent.instance_id}",
+            ssl=scenario.certs.client_context(), subprotocols=[Subprotocol("svantic.v1")],
+            additional_headers={"Authorization": f"Bearer {GOOD_TOKEN}"}, compression=None,
+            proxy=None, open_timeout=5, close_timeout=2) as ws:
+        hello = HelloPayload(instance_id=agent.instance_id)
+        ws.send(encode_frame(FrameFactory(time.time).new(Hello, hello)).decode())
+        assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
+
+    def answered() -> bool:
+        try:
+            return bool(mesh.dispatch(agent.instance_id, "echo", {"n": 2}) == {"n": 2})
+        except DispatchError as exc:
+            assert exc.code == "AGENT_UNAVAILABLE", exc
+            return False
+
+    wait_until(answered, 10.0, "the agent to be reachable again")
+
+
+class _AsyncRegistry(Registry):
+    """Lookups as coroutines, and claims as the mapping PyJWT's `decode` returns."""
+
+    async def verify_token(self, token: str) -> Any:  # type: ignore[override]
+        claims = Registry.verify_token(self, token)
+        return {"tenant_id": claims.tenant_id, "sub": claims.sub}
+
+    async def lookup_instance(self, instance_id: str) -> Any:  # type: ignore[override]
+        return Registry.lookup_instance(self, instance_id)
+
+
+ASYNC_MESH_PARAMS = [p for p in KIND_PARAMS if p.values[0] != "gevent"]
+
+
+@pytest.mark.parametrize("mesh_kind", ASYNC_MESH_PARAMS)
+def test_coroutine_lookups_and_mapping_claims_admit_and_refuse(
+        scenario: Scenario, mesh_kind: str) -> None:
+    mesh = scenario.mesh(mesh_kind, registry=_AsyncRegistry())
+    agent = scenario.agent("asyncio", mesh.url)
+    assert mesh.dispatch(agent.instance_id, "echo", {"n": 1}) == {"n": 1}
+    status, _, body = raw_upgrade(mesh.port, scenario.certs, "/agents/connect?instance_id=ghost-1",
+                                  upgrade_headers())
+    assert (status, body["error"]["code"]) == (404, "INSTANCE_NOT_FOUND")
+
+
+class _BrokenRegistry(Registry):
+    def lookup_instance(self, instance_id: str) -> Any:
+        raise RuntimeError("registry unreachable: password=hunter2")
+
+
+@pytest.mark.parametrize("mesh_kind", KIND_PARAMS)
+def test_a_failing_lookup_is_503_with_no_internal_text_and_a_logged_reason(
+        scenario: Scenario, mesh_kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="svantic.mesh")
+    mesh = scenario.mesh(mesh_kind, registry=_BrokenRegistry())
+    status, _, body = raw_upgrade(mesh.port, scenario.certs, "/agents/connect?instance_id=a-1",
+                                  upgrade_headers())
+    assert status == 503 and body["error"]["code"] == "INTERNAL"
+    assert "hunter2" not in json.dumps(body)
+    wait_until(lambda: any("hunter2" in r.getMessage() or r.exc_info for r in caplog.records
+                           if r.name == "svantic.mesh" and r.levelname == "WARNING"),
+               5.0, "the mesh's WARNING with the reason")
