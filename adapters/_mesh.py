@@ -279,7 +279,7 @@ class MeshDriver(Generic[LinkT]):
         dispatch_id, link = self.runtime.dispatch(
             instance_id, capability, arguments, deadline_ms=deadline_ms, now=self._now(),
             waiter=waiter, on_chunk=on_chunk, task_id=task_id, session_context=session_context)
-        self._service()
+        self._perform(self.runtime.take_actions())  # the link's pump schedules its timer
         return dispatch_id, link
 
     def _begin_close(self, grace: float | None) -> None:

@@ -103,7 +103,7 @@ _SHUTTING_DOWN = Reject(503, SHUTTING_DOWN, "the mesh is shutting down: try agai
 # -- actions: what the driver must do ------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per dispatch, and frozen costs twice as much
 class ServiceLink(Generic[L]):
     """Run the link's pump: its connection has output to write or events to hand over."""
 
@@ -154,6 +154,9 @@ class MeshPhase(enum.Enum):
     CLOSING = "closing"
     """`1001` sent to every connection still there; dropped after `Config.close_timeout`."""
     CLOSED = "closed"
+
+
+_RUNNING = MeshPhase.RUNNING  # read once: a member read through its class costs ~0.1 µs
 
 
 class Waiter(Protocol):
@@ -328,7 +331,10 @@ class MeshRuntime(Generic[L]):
 
     def take_actions(self) -> list[Action[L]]:
         """What the driver must do now, oldest first (one `ServiceLink` per link)."""
-        actions, self._actions = self._actions, []
+        actions = self._actions
+        if not actions:
+            return actions  # empty: nothing to do, and no new list per call
+        self._actions = []
         if len(actions) > 1:
             seen: set[L] = set()
             kept: list[Action[L]] = []
@@ -668,7 +674,7 @@ class MeshRuntime(Generic[L]):
         Raises `DispatchError` `AGENT_UNAVAILABLE` when the instance has no running session
         that takes dispatches (not connected, asked to close, or the mesh is shutting down).
         """
-        if self._phase is not MeshPhase.RUNNING:
+        if self._phase is not _RUNNING:
             raise DispatchError("", "AGENT_UNAVAILABLE", "the mesh is shutting down")
         link = self._agents.get(instance_id)
         state = self._links.get(link) if link is not None else None
@@ -680,8 +686,7 @@ class MeshRuntime(Generic[L]):
             task_id=task_id, session_context=session_context,
         )
         self._waiters[dispatch_id] = _Pending(waiter, on_chunk)
-        self._refresh(link, state)
-        self._actions.append(ServiceLink(link))
+        self._actions.append(ServiceLink(link))  # whose pump then schedules its new deadline
         return dispatch_id, link
 
     def discard(self, dispatch_id: str) -> None:
