@@ -208,6 +208,12 @@ class MeshServer(LoopTimer, MeshDriver[ProtocolLink]):
         if self._shut is not None:
             self._shut.set()
 
+    async def __aenter__(self) -> MeshServer:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
         self._clock = asyncio.get_running_loop().time

@@ -453,6 +453,7 @@ class AgentRuntime:
         self._actions.append(Stopped(error))
 
     def _on_event(self, event: Event) -> None:
+        self._log.debug("%s: %r", self.instance_id, event)  # one line per frame received
         kind = type(event)
         if kind is DispatchReceived:
             self._start_handler(event)  # type: ignore[arg-type]
@@ -488,7 +489,6 @@ class AgentRuntime:
         )
         self._running[dispatch_id] = context
         self.handler_runs += 1
-        self._log.debug("%s: dispatch %s: %s", self.instance_id, dispatch_id, event.capability)
         self._actions.append(StartHandler(dispatch_id, capability.handler, event.arguments,
                                           context))
 

@@ -393,7 +393,9 @@ class MeshRuntime(Generic[L]):
     def connection_events(self, link: L, events: Sequence[Event], now: float) -> None:
         """Every event of the link's connection, in order (from the driver's pump)."""
         state = self._links.get(link)
+        debug = self._log.debug
         for event in events:
+            debug("%s: %r", state.instance_id if state is not None else None, event)
             if isinstance(event, ChunkReceived | DispatchCompleted | DispatchFailed
                           | DispatchTimedOut):
                 self._outcome(event)

@@ -692,7 +692,7 @@ class MeshSide:
     """A mesh server of adapter `kind` on 127.0.0.1, in its own thread."""
 
     def __init__(self, kind: str, certs: Certs, config: Config | None = None,
-                 registry: Registry | None = None) -> None:
+                 registry: Registry | None = None, **server_options: Any) -> None:
         self.kind = kind
         self.driver = DRIVERS[kind]
         self.config = config or Config()
@@ -709,7 +709,7 @@ class MeshSide:
             server = module.MeshServer(
                 ssl_context=ssl_context, verify_token=self.registry.verify_token,
                 lookup_instance=self.registry.lookup_instance, dispatch_auth=mint,
-                config=self.config)
+                config=self.config, **server_options)
             server.on_event = self._record
             return server
 

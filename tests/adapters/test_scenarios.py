@@ -38,11 +38,11 @@ from harness import (
     upgrade_headers,
     wait_until,
 )
-from svantic_adapters._runtime import DispatchError
 from websockets.typing import Subprotocol
 
 from svantic_proto import CloseRequested, Config, HeartbeatReceived, SvanticError
 from svantic_proto.codec import FrameFactory, encode_frame
+from svantic_proto.errors import DispatchError
 from svantic_proto.frames import Hello, HelloPayload
 from svantic_proto.handshake import (
     DeploymentModeMismatch,
@@ -91,9 +91,9 @@ class Scenario:
         self._meshes: list[MeshSide] = []
         self._closers: list[Callable[[], None]] = []
 
-    def mesh(self, kind: str, config: Config = BASE, registry: Registry | None = None
-             ) -> MeshSide:
-        mesh = MeshSide(kind, self.certs, config, registry)
+    def mesh(self, kind: str, config: Config = BASE, registry: Registry | None = None,
+             **server_options: Any) -> MeshSide:
+        mesh = MeshSide(kind, self.certs, config, registry, **server_options)
         self._meshes.append(mesh)
         return mesh
 
@@ -580,3 +580,27 @@ def test_a_failing_lookup_is_503_with_no_internal_text_and_a_logged_reason(
     wait_until(lambda: any("hunter2" in r.getMessage() or r.exc_info for r in caplog.records
                            if r.name == "svantic.mesh" and r.levelname == "WARNING"),
                5.0, "the mesh's WARNING with the reason")
+
+
+@pytest.mark.parametrize("mesh_kind", KIND_PARAMS)
+def test_silent_handshakes_never_lock_agents_out_of_the_connection_cap(
+        scenario: Scenario, mesh_kind: str) -> None:
+    """Sockets that finish TLS (or not even that) and then say nothing are handshakes: they
+    are bounded by `max_handshakes` and `hello_timeout`, not counted in `max_connections`."""
+    import socket
+
+    mesh = scenario.mesh(mesh_kind, max_connections=2)
+    silent: list[socket.socket] = []
+    try:
+        for index in range(6):
+            raw = socket.create_connection((HOST, mesh.port), timeout=5)
+            if index % 2:  # half of them finish TLS, then stay silent
+                raw = scenario.certs.client_context().wrap_socket(raw, server_hostname=HOST)
+            silent.append(raw)
+        first = scenario.agent("asyncio", mesh.url)
+        second = scenario.agent("asyncio", mesh.url)
+        for agent in (first, second):
+            assert mesh.dispatch(agent.instance_id, "echo", {"n": 1}) == {"n": 1}
+    finally:
+        for sock in silent:
+            sock.close()

@@ -692,3 +692,13 @@ def test_info_lines_for_each_state_change(caplog: pytest.LogCaptureFixture) -> N
     assert len(lines) == len(expected)
     for line, start in zip(lines, expected, strict=True):
         assert line.startswith(start), (line, start)
+
+
+def test_debug_lines_name_each_frame_received(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="svantic.agent")
+    harness = connected()
+    harness.dispatch("echo", {"x": 1})
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "svantic.agent" and r.levelno == logging.DEBUG]
+    assert any("SessionStarted" in line for line in lines)
+    assert any("DispatchReceived" in line and "'echo'" in line for line in lines)

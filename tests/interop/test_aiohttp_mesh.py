@@ -27,10 +27,15 @@ from _independent import (
     transport_token,
     uuid7,
 )
-from svantic_adapters._runtime import DispatchContext, HandlerError
 from svantic_adapters.asyncio import Agent, connect
 
-from svantic_proto import AgentSession, DispatchAuthVerifier, HandshakeRejected
+from svantic_proto import (
+    AgentSession,
+    DispatchAuthVerifier,
+    DispatchContext,
+    HandlerError,
+    HandshakeRejected,
+)
 
 TRANSPORT_SECRET = "interop-transport-secret-0123456789abcdef"
 SIGNING_SECRET = "interop-signing-secret-0123456789abcdef"

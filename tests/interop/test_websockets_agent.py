@@ -29,7 +29,6 @@ from _independent import (
     transport_token,
     uuid7,
 )
-from svantic_adapters._runtime import DispatchError
 from svantic_adapters.asyncio import AgentLink, MeshServer
 
 from svantic_proto import (
@@ -41,6 +40,7 @@ from svantic_proto import (
     InstanceRecord,
     jwt_dispatch_auth,
 )
+from svantic_proto.errors import DispatchError
 
 TRANSPORT_SECRET = "interop-transport-secret-0123456789abcdef"
 SIGNING_SECRET = "interop-signing-secret-0123456789abcdef"
