@@ -1,17 +1,17 @@
 """svantic.v1 over gevent: a blocking agent client and mesh server for greenlets.
 
 Every protocol decision is the core's (an agent's, across its connections, is its
-runtime's: `svantic_proto.agent_runtime`); this module moves bytes, keeps one hub timer
-per mesh connection and one per agent at the `next_deadline()` it is given, and runs
-each handler in its own greenlet. A reader that keeps finding data waiting gives the
-hub a turn every `FAIR_SHARE` bytes, so one flooding peer cannot stall the other
-connections. It needs no monkey-patching: it uses `gevent.socket`,
-`gevent.event` and hub timers explicitly, and does TLS over memory (`_tls.py`, as
-the asyncio adapter does), so it works in a plain process and in any thread (each
-thread has its own hub). If your application
-monkey-patches, patch first: call `gevent.monkey.patch_all()` before importing
-anything else, in particular before anything imports `ssl` (svantic_proto
-imports PyJWT, which pulls in `ssl` and `socket`, lazily for this reason).
+runtime's: `svantic_proto.agent_runtime`; a mesh's, across its connections, is its
+`svantic_proto.mesh_runtime`); this module moves bytes, keeps one hub timer per mesh and
+one per agent at the `next_deadline()` it is given, and runs each handler in its own
+greenlet. A reader that keeps finding data waiting gives the hub a turn every `FAIR_SHARE`
+bytes, so one flooding peer cannot stall the other connections. It needs no
+monkey-patching: it uses `gevent.socket`, `gevent.event` and hub timers explicitly, and
+does TLS over memory (`_tls.py`, as the asyncio adapter does), so it works in a plain
+process and in any thread (each thread has its own hub). If your application
+monkey-patches, patch first: call `gevent.monkey.patch_all()` before importing anything
+else, in particular before anything imports `ssl` (svantic_proto imports PyJWT, which
+pulls in `ssl` and `socket`, lazily for this reason).
 
 An `Agent` or `MeshServer` lives in the hub of the thread that called `start()`;
 that thread must keep its hub running (`run()`, `serve_forever()`, any gevent
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import socket
 import ssl
@@ -36,15 +37,18 @@ import gevent.event
 import gevent.monkey
 import gevent.socket
 import greenlet
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
+from svantic_proto import Config, ResumeStore
 from svantic_proto.agent_runtime import Dial, StartHandler
 from svantic_proto.errors import HandshakeRejected, LocalProtocolError
+from svantic_proto.frames import SessionContext
+from svantic_proto.mesh import MintDispatchAuth
+from svantic_proto.mesh_runtime import AdmissionNeeded
 
 from ._agent import AgentDriver
-from ._pump import DETACHED, Pump
-from ._runtime import AgentLinkBase, MeshBase
+from ._mesh import AgentHandle, MeshDriver
+from ._pump import DETACHED
 from ._tls import TlsError, TlsSession
 
 __all__ = ["Agent", "AgentLink", "HandshakeRejected", "MeshServer", "connect"]
@@ -149,17 +153,17 @@ class _Link:
     """One socket, TLS over it when configured, and the pump it feeds: a reader greenlet
     (`run`), and a writer greenlet only while the socket does not take a write.
 
-    `pump` is the mesh's core connection for this link (`attach`: the link's timer is its),
-    or the agent's runtime while this is its transport, or `DETACHED`: each read goes to
-    whatever it is at that moment. Writes go out at once from whichever greenlet made them,
-    without waiting: what the socket does not take is queued, in order, for a writer
-    greenlet to send when it can. So an answer costs no greenlet switch, the reader never
+    `pump` is the mesh's pump of this link's core connection (its timer is the mesh's one
+    timer), or the agent's runtime while this is its transport, or `DETACHED`: each read
+    goes to whatever it is at that moment. Writes go out at once from whichever greenlet
+    made them, without waiting: what the socket does not take is queued, in order, for a
+    writer greenlet to send when it can. So an answer costs no greenlet switch, the reader never
     blocks on a write (two peers both writing and neither reading cannot deadlock), and the
     queue is bounded.
     """
 
-    __slots__ = ("_close_timeout", "_closing", "_hub", "_pending", "_plaintext", "_timer",
-                 "_tls", "_writer", "done", "pump", "queued", "sock")
+    __slots__ = ("_close_timeout", "_closing", "_hub", "_pending", "_plaintext", "_tls",
+                 "_writer", "done", "pump", "queued", "sock")
 
     def __init__(self, sock: Any, tls: TlsSession | None, plaintext: bytes,
                  close_timeout: float) -> None:
@@ -170,13 +174,6 @@ class _Link:
         self._writer: gevent.Greenlet | None = None  # while `_pending` is being sent
         self.queued, self._closing = 0, False
         self.done = gevent.event.Event()
-        self._timer = _Timer(self._fire)
-
-    def attach(self, conn: Any, on_event: Callable[[Any], None]) -> _Link:
-        """Drive the core connection `conn` from this link, on the link's timer."""
-        self.pump = Pump(conn, on_event=on_event, write=self.write, close=self.close,
-                         arm_timer=self._timer.arm)
-        return self
 
     def run(self) -> None:
         """Serve the connection in this greenlet until it ends (then `done` is set).
@@ -185,7 +182,6 @@ class _Link:
         every other connection first."""
         tls, data, self._plaintext, taken = self._tls, self._plaintext, b"", 0
         try:
-            self.pump.service()  # the handshake timer (mesh)
             while not self.pump.closed:
                 if data:
                     self.pump.feed(data, _now())
@@ -256,7 +252,6 @@ class _Link:
     def close(self) -> None:
         """Closed by the core: close_notify behind what is queued, then TCP once all is out."""
         self._closing = True
-        self._timer.arm(None)
         tls = self._tls
         if tls is not None and not tls.close_sent and not tls.failed:
             tls.close()
@@ -277,10 +272,6 @@ class _Link:
             self._writer = None
             if self._closing:
                 _close(self.sock)
-
-    def _fire(self) -> None:
-        if not self.pump.closed:
-            self.pump.timer(_now())  # an early wake-up is harmless: the pump re-arms
 
     @_owned
     def abort(self) -> None:
@@ -456,109 +447,152 @@ connect = Agent
 """`with connect(url, ...) as agent:` (started and ready), or `agent.start()` yourself."""
 
 
-class AgentLink(AgentLinkBase["MeshServer", _Link]):
+class AgentLink(AgentHandle[_Link]):
     """The mesh's handle on one connected agent: send dispatches, block on their outcome."""
 
-    def __init__(self, server: MeshServer, link: _Link) -> None:
-        super().__init__(server, link)
-        self._hub = link._hub
+    __slots__ = ()
 
-    @_owned
     def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
-                 deadline_ms: int = 30_000,
-                 on_chunk: Callable[[Any], object] | None = None) -> Any:
-        """Send a dispatch and return its result; raise `DispatchError` on failure (spec 3)."""
-        outcome = gevent.event.AsyncResult()
-        dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
-                                          waiter=outcome, on_chunk=on_chunk, now=_now())
-        if self.link.queued > WRITE_BUFFER_LIMIT // 4:
-            self.link.wait_flushed(deadline_ms / 1000)  # backpressure, not memory growth
-        try:
-            return outcome.get()  # the core's deadline or the resume window ends every wait
-        finally:
-            self.server.waiters.discard(dispatch_id)
+                 deadline_ms: int = 30_000, on_chunk: Callable[[Any], object] | None = None,
+                 task_id: str | None = None,
+                 session_context: SessionContext | None = None) -> Any:
+        """Send a dispatch to this agent's instance and return its result; raise
+        `DispatchError` on failure (spec 3)."""
+        return self.server.dispatch(
+            self.instance_id, capability, arguments, deadline_ms=deadline_ms,
+            on_chunk=on_chunk, task_id=task_id, session_context=session_context)
 
 
-class MeshServer(MeshBase[AgentLink, _Link]):
+class MeshServer(MeshDriver[_Link]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
     `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
-    `sub`) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None.
+    `sub`) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None: both plain
+    (blocking) functions, each upgrade's run in a greenlet of its own.
     `ssl_context` may be gevent's or the standard library's `SSLContext`.
     `on_event` gets every event, as on the other adapters (it runs in the owning hub).
+    The decisions are the runtime's (`svantic_proto.mesh_runtime`): this class accepts,
+    does TLS, moves bytes and keeps one hub timer for the whole mesh.
     """
 
-    _clock = staticmethod(_now)
+    _now = staticmethod(_now)
 
-    def _init_adapter(self) -> None:
-        self._agents_changed, self._closed = gevent.event.Event(), gevent.event.Event()
-        self._hub: Any = None
+    def __init__(self, *, ssl_context: ssl.SSLContext | None,
+                 verify_token: Callable[[str], Any], lookup_instance: Callable[[str], Any],
+                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
+                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
+                 max_handshakes: int = 1024, backlog: int = 4096) -> None:
+        super().__init__(ssl_context=ssl_context, verify_token=verify_token,
+                         lookup_instance=lookup_instance, dispatch_auth=dispatch_auth,
+                         config=config, resume_store=resume_store,
+                         max_connections=max_connections, max_handshakes=max_handshakes,
+                         backlog=backlog)
+        self._hub: Any = None  # the hub that owns the mesh, from `start()`
         self._server: StreamServer | None = None
-        self._store_timer = _Timer(lambda: self._expire_store(_now()))
+        self._arrived, self._shut = gevent.event.Event(), gevent.event.Event()
+        self._finished = gevent.event.Event()
+        self._timer = _Timer(self._fire)
+
+    # -- the runtime's actions -------------------------------------------------------------
+
+    def _arm(self, deadline: float | None) -> None:
+        self._timer.arm(deadline)
+
+    def _new_handle(self, link: _Link) -> AgentLink:
+        return AgentLink(self, link)
+
+    def _admit(self, action: AdmissionNeeded[Any]) -> None:
+        """In a greenlet of its own: the lookups may block (a database, a key fetch), and
+        whoever performs the action (a reader, the mesh's one timer) must not wait for them."""
+        gevent.spawn(MeshDriver._admit, self, action)
+
+    def _admit_async(self, action: AdmissionNeeded[Any], claims: Any, record: Any) -> None:
+        """A coroutine lookup has no loop to run on here: answered 503, as an outage."""
+        for value in (claims, record):
+            if inspect.iscoroutine(value):
+                value.close()
+        error = OSError("the gevent mesh needs plain verify_token and lookup_instance")
+        self._admitted(action, error, error)
+
+    def _agent_arrived(self) -> None:
+        arrived, self._arrived = self._arrived, gevent.event.Event()
+        arrived.set()  # wakes every current waiter; later ones wait on the fresh event
+
+    def _shutdown_complete(self) -> None:
+        self._shut.set()
+
+    # -- transports ------------------------------------------------------------------------
 
     def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
         """Listen (large backlog, for reconnect storms) and accept in this thread's hub.
 
-        Past `max_connections`, new connections wait in the backlog until one ends."""
+        Every connection is accepted: handshakes are bounded by `max_handshakes` (the
+        oldest go) and `Config.hello_timeout`, sessions by `max_connections` (503)."""
         self._hub = gevent.get_hub()
-        self._server = StreamServer((host, port), self._serve, backlog=self.backlog,
-                                    spawn=Pool(self.max_connections))
+        self._server = StreamServer((host, port), self._serve, backlog=self.backlog)
         self._server.start()
         address = self._server.socket.getsockname()
         return address[0], address[1]
 
+    def _serve(self, sock: Any, address: object) -> None:
+        """One accepted TCP connection, in its greenlet: TLS, then its reader."""
+        link = _Link(sock, None, b"", self.config.close_timeout)
+        if not self._accepted(link):  # the mesh is closing, or too many handshakes
+            _close(sock)
+            return
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self._ssl is not None:  # within hello_timeout: the runtime drops the link
+                link._tls, link._plaintext = _handshake(self._ssl, sock)
+        except OSError:  # a failed TLS handshake: nothing reached the core
+            _close(sock)
+        else:
+            self._opened(link)
+            link.run()  # in this greenlet: no second one per connection
+        finally:
+            self._closed(link)
+            link.done.set()
+
+    # -- the API ---------------------------------------------------------------------------
+
     @_owned
     def serve_forever(self) -> None:
         """Block until `close()` has finished (keeps this thread's hub running)."""
-        self._closed.wait()
-
-    def _serve(self, sock: Any, address: object) -> None:
-        link: _Link | None = None
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            tls, plaintext = None, b""
-            if self._ssl is not None:
-                with gevent.Timeout(self.config.hello_timeout, TimeoutError):
-                    tls, plaintext = _handshake(self._ssl, sock)
-            link = self._open_link(_Link(sock, tls, plaintext, self.config.close_timeout).attach)
-            link.run()  # in this greenlet: no second one per connection
-        except (OSError, TimeoutError):
-            _close(sock)  # a failed TLS handshake: nothing reached the core yet
-        finally:
-            if link is not None:
-                self.links.discard(link)
-
-    def _new_agent_link(self, link: _Link) -> AgentLink:
-        return AgentLink(self, link)
-
-    def _agent_arrived(self) -> None:
-        changed, self._agents_changed = self._agents_changed, gevent.event.Event()
-        changed.set()  # wakes every current waiter; later ones wait on the fresh event
+        self._finished.wait()
 
     @_owned
     def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> AgentLink:
         """The handle of `instance_id` once its session started; TimeoutError otherwise."""
         with gevent.Timeout(timeout, TimeoutError(f"{instance_id} did not connect in time")):
             while (agent := self.agents.get(instance_id)) is None:
-                self._agents_changed.wait()
-            return agent
+                self._arrived.wait()
+            return cast(AgentLink, agent)
 
     @_owned
     def dispatch(self, instance_id: str, capability: str,
-                 arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
-        return self._available_agent(instance_id).dispatch(capability, arguments, **options)
-
-    def _arm_store_timer(self) -> None:
-        self._store_timer.arm(None if self._closed.is_set() else self.store.next_deadline())
+                 arguments: Mapping[str, Any] | None = None, *, deadline_ms: int = 30_000,
+                 on_chunk: Callable[[Any], object] | None = None, task_id: str | None = None,
+                 session_context: SessionContext | None = None) -> Any:
+        """Send a dispatch and return its result; raise `DispatchError` on failure (spec 3)."""
+        outcome = gevent.event.AsyncResult()
+        dispatch_id, link = self._send(instance_id, capability, arguments,
+                                       deadline_ms=deadline_ms, waiter=outcome,
+                                       on_chunk=on_chunk, task_id=task_id,
+                                       session_context=session_context)
+        try:
+            if link.queued > WRITE_BUFFER_LIMIT // 4:
+                link.wait_flushed(deadline_ms / 1000)  # backpressure, not memory growth
+            return outcome.get()  # the core's deadline or the resume window ends every wait
+        finally:
+            self.runtime.discard(dispatch_id)
 
     @_owned
     def close(self, grace: float | None = None) -> None:
         """Shutdown (spec 3, 4): close_request to every agent, wait the grace, 1001 the rest."""
         if self._server is not None:
-            self._server.close()  # stop accepting; the connections drain below
-        grace = self._request_close_all(grace)
-        gevent.wait([link.done for link in self.links], timeout=grace + self.config.close_timeout)
-        self._close_all()
-        self._closed.set()
-        self._arm_store_timer()  # stops it
-        self.waiters.fail_all("AGENT_DISCONNECTED", "mesh shut down")
+            self._server.close()  # stop accepting; the runtime drains the connections
+        self._begin_close(grace)
+        self._shut.wait()
+        self._arm(None)
+        gevent.wait([link.done for link in self.links], timeout=self.config.close_timeout)
+        self._finished.set()

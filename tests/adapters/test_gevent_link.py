@@ -257,3 +257,39 @@ def test_a_peer_flooding_large_frames_does_not_stall_the_other_connections() -> 
         flooder.wait(10)
         agent.stop(grace=0)
         server.close(grace=0)
+
+
+# -- handshakes do not count toward max_connections ----------------------------------------
+
+
+def test_silent_sockets_do_not_lock_agents_out_of_max_connections() -> None:
+    """TCP connections that never send a byte are handshakes, bounded by `max_handshakes`
+    and `hello_timeout`, not sessions: with `max_connections=2` and five of them open, two
+    agents still connect at once (not only once the silent ones time out)."""
+    config = Config(hello_timeout=20.0, close_timeout=1.0)
+    records = {name: InstanceRecord(name, "tenant-1", "connected", "capped-agent")
+               for name in ("first", "second")}
+    server = MeshServer(ssl_context=None, verify_token=lambda token: {"tenant_id": "tenant-1"},
+                        lookup_instance=records.get, config=config, max_connections=2,
+                        dispatch_auth=jwt_dispatch_auth(DispatchAuthMinter(SECRET)))
+    _, port = server.start("127.0.0.1", 0)
+    url = f"ws://127.0.0.1:{port}/agents/connect"
+    silent = [gevent.socket.create_connection(("127.0.0.1", port)) for _ in range(5)]
+    agents = [Agent(url, token=SECRET, instance_id=name, config=config,
+                    dispatch_auth=DispatchAuthVerifier(name, hs256_keys=[SECRET]),
+                    allow_insecure_loopback=True) for name in records]
+    try:
+        for agent in agents:
+            agent.add("echo", lambda arguments, context: arguments)
+            assert agent.start().wait_ready(5)
+        for name in records:
+            server.wait_for_agent(name, timeout=5)
+            assert server.dispatch(name, "echo", {"n": name}, deadline_ms=5000) == {"n": name}
+        assert server.runtime.connections() == 2
+        assert server.runtime.handshakes() == 5  # still open: nothing dropped them
+    finally:
+        for agent in agents:
+            agent.stop(grace=0)
+        for sock in silent:
+            sock.close()
+        server.close(grace=0)
