@@ -2,10 +2,10 @@
 backend without an asyncio loop).
 
 A reader task feeds the pump, whichever one `pump` is at that moment (an agent's, which
-outlives its connections, or the one `attach()` made for a mesh connection); a writer
-task sends what queued in one `send()`; a timer task sleeps in a cancel scope whose
-deadline is the core's `next_deadline()` (no polling). Every protocol decision is the
-core's.
+outlives its connections, or the one the mesh made for its connection); a writer task
+sends what queued in one `send()`. A link has no timer of its own: its pump arms the one
+timer of its agent or mesh (`TaskTimer`: a task asleep in a cancel scope whose deadline is
+the runtime's next deadline, no polling). Every protocol decision is the core's.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
-from anyio.abc import AnyByteStream, ByteStream, SocketAttribute
-from anyio.streams.tls import TLSListener
+from anyio.abc import ByteStream, SocketAttribute
 
-from svantic_proto.events import Event
+from ._pump import DETACHED
 
-from ._pump import DETACHED, Pump
-
-__all__ = ["WRITE_BUFFER_LIMIT", "QuietTLSListener", "StreamLink", "Timer"]
+__all__ = ["WRITE_BUFFER_LIMIT", "StreamLink", "TaskTimer"]
 
 log = logging.getLogger("svantic_adapters.anyio")
 READ_SIZE = 65536
@@ -34,78 +31,54 @@ WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
 
 
-class QuietTLSListener(TLSListener):
-    """A TLS listener that logs a failed handshake at DEBUG: scanners, health checks and
-    plain-TCP peers are routine on a public port, not an error with a traceback."""
+class TaskTimer:
+    """The one timer of an agent or a mesh: `_run_timer()`, a task in its task group, sleeps
+    in a cancel scope whose deadline `_arm` moves, and calls `_fire` (the driver base's) when
+    it passes; `_stop_timer()` ends the task."""
 
-    @staticmethod
-    async def handle_handshake_error(exc: BaseException, stream: AnyByteStream) -> None:
-        await anyio.aclose_forcefully(stream)
-        if not isinstance(exc, Exception) or isinstance(exc, anyio.get_cancelled_exc_class()):
-            raise exc
-        log.debug("TLS handshake failed: %r", exc)
+    _fire: Callable[[], None]
+    _timer_at = math.inf
+    _timer_scope: anyio.CancelScope | None = None  # while the task runs
+    _timer_stopped = False
 
+    def _arm(self, deadline: float | None) -> None:
+        self._timer_at = math.inf if deadline is None else deadline
+        if self._timer_scope is not None:
+            self._timer_scope.deadline = self._timer_at
 
-class Timer:
-    """One re-armable timer: a task asleep in a cancel scope whose deadline `arm()` moves."""
+    def _stop_timer(self) -> None:
+        self._timer_stopped = True
+        if self._timer_scope is not None:
+            self._timer_scope.cancel()
 
-    def __init__(self, fire: Callable[[float], None]) -> None:
-        self._fire = fire
-        self.deadline: float | None = None
-        self._scope = anyio.CancelScope()
-        self._closed = False
-
-    def arm(self, deadline: float | None) -> None:
-        self.deadline = deadline
-        self._scope.deadline = math.inf if deadline is None else deadline
-
-    def close(self) -> None:
-        self._closed = True
-        self._scope.cancel()
-
-    def fire_if_due(self, now: float) -> None:
-        """Run a deadline that has passed; the reader calls it first, as it came first."""
-        if not self._closed and self.deadline is not None and now >= self.deadline:
-            self.deadline = None
-            self._fire(now)  # which re-arms through arm()
-
-    async def run(self) -> None:
-        while not self._closed:
-            self._scope = anyio.CancelScope(
-                deadline=math.inf if self.deadline is None else self.deadline)
-            with self._scope:
+    async def _run_timer(self) -> None:
+        while not self._timer_stopped:
+            with anyio.CancelScope(deadline=self._timer_at) as self._timer_scope:
                 await anyio.sleep_forever()
-            self.fire_if_due(anyio.current_time())
+            if not self._timer_stopped and anyio.current_time() >= self._timer_at:
+                self._timer_at = math.inf
+                self._fire()
 
 
 class StreamLink:
-    """One byte stream, fed to `pump`: `DETACHED` until an agent hands it its own pump, or
-    `attach()` gives it a core connection of its own (a mesh connection).
+    """One byte stream, fed to `pump`: `DETACHED` until its agent or mesh sets one.
 
     A reader task feeds the pump; a writer task sends everything queued since its last
-    send in one `send()`, in order, then closes the stream; a timer task serves an attached
-    connection's `next_deadline()`. The backend's clock and event factory are looked up
-    once here: `anyio.current_time()` and `anyio.Event()` ask sniffio on every call.
+    send in one `send()`, in order, then closes the stream. `stream` may be replaced before
+    `run()` (by its TLS stream, once the handshake is done). The backend's clock and event
+    factory are looked up once here: `anyio.current_time()` and `anyio.Event()` ask sniffio
+    on every call.
     """
 
     def __init__(self, stream: ByteStream, close_timeout: float) -> None:
         backend = anyio.lowlevel.current_token().backend_class
         self.now, self.new_event = backend.current_time, backend.create_event
         self.stream, self._close_timeout = stream, close_timeout
-        self.pump = DETACHED
-        self._timer = Timer(lambda now: self._drive(self.pump.timer, now))
-        self.done = self.new_event()
-        self.queued = 0
+        self.pump, self.done = DETACHED, self.new_event()
         self._pending: list[bytes] = []
         self._wake, self._progress = self.new_event(), self.new_event()
-        self._closing = False
+        self.queued, self._closing = 0, False
         self._send_scope = backend.create_cancel_scope()
-
-    def attach(self, conn: Any, on_event: Callable[[Event], None]) -> StreamLink:
-        """Drive `conn` from this stream (call `pump.service()` next)."""
-        self.pump = Pump(conn, on_event=on_event, write=self.write, close=self.close,
-                         arm_timer=self._timer.arm)
-        return self
 
     def write(self, chunks: list[bytes]) -> None:
         if not self._closing:  # after the core's close (or an abort) nothing more goes out
@@ -121,14 +94,11 @@ class StreamLink:
             self._closing = True
             self._send_scope.deadline = self.now() + self._close_timeout
             self._wake.set()
-        self._timer.close()
 
     def abort(self) -> None:
         """Drop TCP at once, without a close frame, as a network fault would."""
-        raw = self.stream.extra(SocketAttribute.raw_socket, None)
-        with contextlib.suppress(OSError):
-            if raw is not None:
-                raw.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError, LookupError):  # LookupError: no socket
+            self.stream.extra(SocketAttribute.raw_socket).shutdown(socket.SHUT_RDWR)
         self.close()
         self._send_scope.cancel()
 
@@ -152,8 +122,7 @@ class StreamLink:
                         self._wake = self.new_event()
                         await self._wake.wait()
                         continue
-                    data = b"".join(self._pending)  # all that queued while we sent: one send
-                    self._pending.clear()
+                    data, self._pending = b"".join(self._pending), []  # all queued: one send
                     await self.stream.send(data)
                     self.queued -= len(data)
                     self._progress.set()
@@ -168,16 +137,13 @@ class StreamLink:
     async def run(self) -> None:
         try:
             async with anyio.create_task_group() as group:
-                group.start_soon(self._timer.run)
                 group.start_soon(self._write_loop)
                 while not self.pump.closed:
                     try:
                         data = await self.stream.receive(READ_SIZE)
                     except Exception:  # EOF, reset, TLS failure, closed by the writer: the end
                         break
-                    now = self.now()
-                    self._timer.fire_if_due(now)  # a deadline that passed came before this input
-                    self._drive(self.pump.feed, data, now)
+                    self._drive(self.pump.feed, data, self.now())
                 if not self.pump.closed:
                     self._drive(self.pump.eof, self.now())
                 self.close()

@@ -1,8 +1,9 @@
 """svantic.v1 over anyio (asyncio or trio backend): an agent client and a mesh server.
 
 The same public shape as `svantic_adapters.asyncio`. Every protocol decision is the
-core's: the agent's are `AgentRuntime`'s (`_agent.AgentDriver` routes its actions). On
-trio, connections are anyio byte streams (`_streams.py`: reader, writer and timer tasks)
+core's: the agent's are `AgentRuntime`'s (`_agent.AgentDriver` routes its actions), the
+mesh's are `MeshRuntime`'s (`_mesh.MeshDriver`), each with one timer (`_streams.TaskTimer`).
+On trio, connections are anyio byte streams (`_streams.py`: a reader and a writer task)
 and handlers run in the agent's task group, each in a cancel scope.
 
 On the asyncio backend, connections use the asyncio adapter's transport (`_protocol.py`:
@@ -15,26 +16,27 @@ the rest work in them as in any task on that backend.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
+from anyio.streams.tls import TLSStream
 
-from svantic_proto import LocalProtocolError
 from svantic_proto.agent_runtime import Dial, StartHandler
 from svantic_proto.capabilities import DispatchContext
-from svantic_proto.errors import DispatchError, HandlerError
+from svantic_proto.errors import DispatchError, HandlerError, LocalProtocolError
+from svantic_proto.frames import SessionContext
+from svantic_proto.mesh_runtime import AdmissionNeeded
 
 from . import _protocol
 from ._agent import AgentDriver
+from ._mesh import AgentHandle, MeshDriver
 from ._protocol import ProtocolLink
-from ._runtime import AgentLinkBase, MeshBase, Outcome
-from ._streams import WRITE_BUFFER_LIMIT, QuietTLSListener, StreamLink, Timer
+from ._streams import WRITE_BUFFER_LIMIT, StreamLink, TaskTimer
 
 __all__ = ["Agent", "AgentLink", "DispatchContext", "DispatchError", "HandlerError", "MeshServer",
            "connect"]
@@ -49,7 +51,7 @@ def _backend() -> tuple[bool, Any]:
     return isinstance(token.native_token, asyncio.AbstractEventLoop), token.backend_class
 
 
-class Agent(AgentDriver[Awaitable[str]]):
+class Agent(TaskTimer, AgentDriver[Awaitable[str]]):
     """A connected-mode agent: dials the mesh, runs capability handlers, reconnects.
 
     `async with connect(...) as agent` returns once the first welcome is seen and
@@ -67,17 +69,11 @@ class Agent(AgentDriver[Awaitable[str]]):
         """Running handlers by dispatch id: asyncio tasks, or cancel scopes on trio."""
         self._dialling: Any = None  # the dial's task (asyncio) or cancel scope
         self._group: TaskGroup | None = None  # while it runs
-        self._timer: Timer | None = None
         self._settled, self._finished = anyio.Event(), anyio.Event()  # up or stopped; stopped
         self._error: BaseException | None = None
 
     def _now(self) -> float:
-        now: float = self._backend.current_time()
-        return now
-
-    def _arm(self, deadline: float | None) -> None:
-        if self._timer is not None:
-            self._timer.arm(deadline)
+        return self._backend.current_time()  # type: ignore[no-any-return]
 
     def _dial(self, dial: Dial) -> None:
         if self._native:
@@ -171,8 +167,7 @@ class Agent(AgentDriver[Awaitable[str]]):
         self._native, self._backend = _backend()
         self._group = group = anyio.create_task_group()
         await group.__aenter__()
-        self._timer = timer = Timer(lambda _: self._fire())
-        group.start_soon(timer.run)
+        group.start_soon(self._run_timer)
         try:
             self.runtime.start(self._now())
             self.pump.service()
@@ -200,8 +195,7 @@ class Agent(AgentDriver[Awaitable[str]]):
         self.pump.service()
         if self.link is not None:
             self.link.abort()
-        if self._timer is not None:
-            self._timer.close()
+        self._stop_timer()
         for running in list(self._handlers.values()):
             running.cancel()
         group.cancel_scope.deadline = self._now() + self.config.close_timeout
@@ -223,8 +217,10 @@ connect = Agent
 AnyLink = StreamLink | ProtocolLink
 
 
-class AgentLink(AgentLinkBase["MeshServer", AnyLink]):
-    """The mesh's handle on one connected agent: send dispatches, await their outcome."""
+class AgentLink(AgentHandle[AnyLink]):
+    """The mesh's handle on one connected agent."""
+
+    __slots__ = ()
 
     async def wait_closed(self) -> None:
         """Until this agent's connection has ended."""
@@ -232,52 +228,75 @@ class AgentLink(AgentLinkBase["MeshServer", AnyLink]):
 
     async def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
                        deadline_ms: int = 30_000,
-                       on_chunk: Callable[[Any], object] | None = None) -> Any:
-        """Send a dispatch and return its result; raise `DispatchError` on failure."""
-        link, server = self.link, self.server
-        settled = server._new_event()
-        outcome = Outcome(settled.set)
-        dispatch_id = self._send_dispatch(capability, arguments, deadline_ms=deadline_ms,
-                                          waiter=outcome, on_chunk=on_chunk, now=server._now())
-        try:
-            await link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure for callers
-            await settled.wait()
-        finally:
-            self.server.waiters.discard(dispatch_id)
-        return outcome.result()
+                       on_chunk: Callable[[Any], object] | None = None,
+                       task_id: str | None = None,
+                       session_context: SessionContext | None = None) -> Any:
+        """Send a dispatch to this agent's instance; raise `DispatchError` on failure."""
+        return await self.server.dispatch(
+            self.instance_id, capability, arguments, deadline_ms=deadline_ms,
+            on_chunk=on_chunk, task_id=task_id, session_context=session_context)
 
 
-class MeshServer(MeshBase[AgentLink, AnyLink]):
+class _Waiter:
+    """A dispatch's outcome on trio: kept, and an event set once it is in."""
+
+    __slots__ = ("error", "settled", "value")
+
+    def __init__(self, settled: anyio.Event) -> None:
+        self.settled = settled
+
+    def set_result(self, value: Any, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+        self.settled.set()
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.set_result(None, exc)
+
+
+class MeshServer(TaskTimer, MeshDriver[AnyLink]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
-    `verify_token(token)` returns claims with `tenant_id` (and optionally `exp`,
-    `sub`) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None.
-    Its tasks need a task group: `async with server:` opens one around `start()`
-    and `close()`. Without it, `start()` opens one that `close()` ends, so then
-    call `close()` in the same task and block as `start()`.
+    `verify_token(token)` returns claims with `tenant_id` (an object or a mapping) or
+    raises; `lookup_instance(id)` returns an `InstanceRecord` or None; either may be a
+    coroutine function. Its tasks need a task group: `async with server:` opens one around
+    `start()` and `close()`. Without it, `start()` opens one that `close()` ends, so then
+    call `close()` in the same task as `start()`. The keywords are `MeshDriver`'s, and so
+    the asyncio adapter's; the rest of its state is made by `start()`.
     """
 
-    def _init_adapter(self) -> None:
-        self._now: Callable[[], float] = anyio.current_time  # until it starts: then _backend()'s
-        self._new_event: Callable[[], anyio.Event] = anyio.Event
-        self._arrival = anyio.Event()
-        self._store_timer = Timer(self._expire_store)
-        self._stack: contextlib.AsyncExitStack | None = None
-        self._group: TaskGroup | None = None
-        self._entered = self._started = self._shut = False
-        self._accepting = anyio.CancelScope()
-        self._server: asyncio.Server | None = None  # on the asyncio backend
+    _native = _entered = _started = False  # _native: the asyncio backend (its transport)
+    _group: TaskGroup | None = None
+    _server: asyncio.Server | None = None  # on the asyncio backend
+    _clock: Callable[[], float]
+    _arrived: anyio.Event
+
+    def _now(self) -> float:
+        return self._clock()
+
+    def _new_handle(self, link: AnyLink) -> AgentLink:
+        return AgentLink(self, link)
+
+    def _admit_async(self, action: AdmissionNeeded[Any], claims: Any, record: Any) -> None:
+        if self._group is not None:  # None only once the mesh closed: no link waits then
+            self._group.start_soon(self._admission, action, claims, record)
+
+    def _agent_arrived(self) -> None:
+        arrived, self._arrived = self._arrived, self._new_event()
+        arrived.set()
+
+    def _shutdown_complete(self) -> None:
+        self._shut.set()
 
     async def _open_group(self) -> TaskGroup:
-        self._stack = contextlib.AsyncExitStack()
-        self._group = group = await self._stack.enter_async_context(anyio.create_task_group())
-        self._stack.callback(group.cancel_scope.cancel)  # whatever still runs at the exit
+        self._group = group = anyio.create_task_group()
+        await group.__aenter__()
         return group
 
     async def _exit_group(self) -> None:
-        stack, self._stack, self._group = self._stack, None, None
-        if stack is not None:
-            await stack.aclose()
+        group, self._group = self._group, None
+        if group is not None:  # whatever still runs now is cancelled
+            group.cancel_scope.cancel()
+            await group.__aexit__(None, None, None)
 
     async def __aenter__(self) -> MeshServer:
         await self._open_group()
@@ -291,28 +310,24 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
             await self._exit_group()
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+        """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
         if self._started:
             raise LocalProtocolError("a MeshServer starts once")
-        native, backend = _backend()
-        self._now, self._new_event = backend.current_time, backend.create_event
-        if native:
-            return await self._start_native(host, port)
-        tcp = await anyio.create_tcp_listener(local_host=host, local_port=port,
-                                              backlog=self.backlog)
-        listener: Listener[Any] = tcp if self._ssl is None else QuietTLSListener(
-            tcp, self._ssl, standard_compatible=False, handshake_timeout=self.config.hello_timeout)
+        self._native, backend = _backend()
+        self._clock, self._new_event = backend.current_time, backend.create_event
+        self._arrived, self._shut = backend.create_event(), backend.create_event()
+        self._accepting = backend.create_cancel_scope()
+        if self._native:
+            self._server, address = await _protocol.listen(self, ProtocolLink, host, port)
+        else:
+            tcp = await anyio.create_tcp_listener(local_host=host, local_port=port,
+                                                  backlog=self.backlog)
+            address = cast(tuple[str, int], tcp.extra(SocketAttribute.local_address)[:2])
         group = self._group or await self._open_group()
         self._started = True
-        group.start_soon(self._accept, listener, group)
-        group.start_soon(self._store_timer.run)
-        address = tcp.extra(SocketAttribute.local_address)
-        return str(address[0]), tcp.extra(SocketAttribute.local_port)
-
-    async def _start_native(self, host: str, port: int) -> tuple[str, int]:
-        self._server, address = await _protocol.listen(self, ProtocolLink, host, port)
-        group = self._group or await self._open_group()
-        self._started = True
-        group.start_soon(self._store_timer.run)
+        group.start_soon(self._run_timer)
+        if not self._native:
+            group.start_soon(self._accept, tcp, group)
         return address
 
     async def _accept(self, listener: Listener[Any], group: TaskGroup) -> None:
@@ -325,67 +340,69 @@ class MeshServer(MeshBase[AgentLink, AnyLink]):
                         log.exception("accept failed")
                     await anyio.sleep(0.1)  # pause before accepting again, as asyncio does
 
+    async def _serve(self, stream: ByteStream) -> None:
+        """One connection on trio: TCP accepted (the runtime bounds and times out the
+        handshake), TLS within hello_timeout (a failure is routine: DEBUG), then the link."""
+        link = StreamLink(stream, self.config.close_timeout)
+        try:
+            if self._accepted(link) and self._ssl is not None:
+                try:  # bounded by hello_timeout: the runtime drops a handshake past it
+                    link.stream = await TLSStream.wrap(
+                        stream, server_side=True, ssl_context=self._ssl, standard_compatible=False)
+                except Exception as exc:  # scanners, health checks, plain-TCP peers
+                    log.debug("TLS handshake failed: %r", exc)
+            if link in self.links and (self._ssl is None or link.stream is not stream):
+                self._opened(link)
+                await link.run()  # which closes the stream
+            else:  # over the bound, dropped meanwhile, or no TLS
+                await anyio.aclose_forcefully(link.stream)
+        finally:
+            self._closed(link)
+
     async def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> AgentLink:
+        """The handle of `instance_id` once its session started (call it after `start()`);
+        TimeoutError otherwise."""
         with anyio.fail_after(timeout):
-            while instance_id not in self.agents:
-                await self._arrival.wait()
-        return self.agents[instance_id]
+            while (agent := self.agents.get(instance_id)) is None:
+                await self._arrived.wait()
+        return cast(AgentLink, agent)
 
     async def dispatch(self, instance_id: str, capability: str,
-                       arguments: Mapping[str, Any] | None = None, **options: Any) -> Any:
-        return await self._available_agent(instance_id).dispatch(capability, arguments, **options)
-
-    async def _serve(self, stream: ByteStream) -> None:
-        if len(self.links) >= self.max_connections:
-            await anyio.aclose_forcefully(stream)
-            return
-        link = StreamLink(stream, self.config.close_timeout)
-        self._open_link(link.attach)
+                       arguments: Mapping[str, Any] | None = None, *,
+                       deadline_ms: int = 30_000,
+                       on_chunk: Callable[[Any], object] | None = None,
+                       task_id: str | None = None,
+                       session_context: SessionContext | None = None) -> Any:
+        """Send a dispatch and return its result; raise `DispatchError` on failure."""
+        if self._native:
+            return await _protocol.dispatch(
+                self, instance_id, capability, arguments, deadline_ms=deadline_ms,
+                on_chunk=on_chunk, task_id=task_id, session_context=session_context)
+        waiter = _Waiter(self._new_event())
+        dispatch_id, link = self._send(instance_id, capability, arguments,
+                                       deadline_ms=deadline_ms, waiter=waiter,
+                                       on_chunk=on_chunk, task_id=task_id,
+                                       session_context=session_context)
         try:
-            link.pump.service()
-            await link.run()
+            await link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure, not memory growth
+            await waiter.settled.wait()
         finally:
-            self.links.discard(link)
-
-    # `_protocol.listen`'s calls, on the asyncio backend
-    def _accepted(self, link: ProtocolLink) -> bool:
-        """TCP accepted: False (drop it) over the connection cap."""
-        return len(self.links) < self.max_connections
-
-    def _opened(self, link: ProtocolLink) -> None:
-        """TLS done: a core connection for the link."""
-        self._open_link(link.attach).pump.service()
-
-    def _closed(self, link: ProtocolLink) -> None:
-        self.links.discard(link)
-
-    def _clock(self) -> float:
-        return self._now()
-
-    def _new_agent_link(self, link: AnyLink) -> AgentLink:
-        return AgentLink(self, link)
-
-    def _agent_arrived(self) -> None:
-        arrived, self._arrival = self._arrival, self._new_event()
-        arrived.set()
-
-    def _arm_store_timer(self) -> None:
-        self._store_timer.arm(self.store.next_deadline())
+            self.runtime.discard(dispatch_id)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.value
 
     async def close(self, grace: float | None = None) -> None:
         """Graceful shutdown: close_request to every agent, wait the grace, 1001 for the rest."""
-        if not self._started or self._shut:
+        if not self._started:
             return
-        self._shut = True
         self._accepting.cancel()
         if self._server is not None:
             self._server.close()
-        grace = self._request_close_all(grace)
-        with anyio.move_on_after(grace + self.config.close_timeout):
-            for link in list(self.links):
-                await link.done.wait()
-        self._close_all()
-        self._store_timer.close()
-        self.waiters.fail_all("AGENT_DISCONNECTED", "mesh shut down")
+        self._begin_close(grace)  # once: the runtime's shutdown starts once
+        await self._shut.wait()
+        self._stop_timer()
+        if self._server is not None:
+            await self._server.wait_closed()
         if not self._entered:
             await self._exit_group()

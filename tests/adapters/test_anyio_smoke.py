@@ -49,11 +49,13 @@ SIGNING_SECRET = "anyio-smoke-dispatch-auth-secret"
 TRANSPORT_TOKEN = "transport-token-for-tests"
 FRESH_TOKEN = "fresh-transport-token-for-tests"
 INSTANCE = "agent-1"
+SECOND = "agent-2"
 TENANT = "tenant-1"
 TIME_LIMIT = 10.0
 """Seconds any one test may take before it fails (every wait is bounded by it)."""
 
-INSTANCES = {INSTANCE: InstanceRecord(INSTANCE, TENANT, "connected", "smoke-agent")}
+INSTANCES = {iid: InstanceRecord(iid, TENANT, "connected", "smoke-agent")
+             for iid in (INSTANCE, SECOND)}
 TlsPair = tuple[ssl.SSLContext, ssl.SSLContext]
 
 
@@ -143,11 +145,13 @@ def make_agent(port: int, client_context: ssl.SSLContext, config: Config, gate: 
 
 
 @contextlib.asynccontextmanager
-async def mesh(tls: TlsPair) -> AsyncIterator[tuple[MeshServer, int, Config]]:
+async def mesh(tls: TlsPair, max_connections: int = 10_000
+               ) -> AsyncIterator[tuple[MeshServer, int, Config]]:
     config = Config(close_grace=1.0, close_timeout=1.0)
     server = MeshServer(
         ssl_context=tls[0], verify_token=verify_token, lookup_instance=INSTANCES.get,
         dispatch_auth=jwt_dispatch_auth(DispatchAuthMinter(SIGNING_SECRET)), config=config,
+        max_connections=max_connections,
     )
     async with server:  # the server's task group: close() may run at any depth inside
         host, port = await server.start("127.0.0.1", 0)
@@ -341,3 +345,21 @@ async def test_a_peer_failing_the_tls_handshake_is_no_warning(
                 assert await server.dispatch(INSTANCE, "echo", {"text": "hi"}) == {"text": "hi"}
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not loud, [f"{r.name}: {r.getMessage()}" for r in loud]
+
+
+async def test_silent_sockets_do_not_take_the_connection_slots(tls: TlsPair) -> None:
+    """Handshakes have their own bound: `max_connections` counts sessions only."""
+    with anyio.fail_after(TIME_LIMIT):
+        async with mesh(tls, max_connections=2) as (server, port, config), \
+                contextlib.AsyncExitStack() as stack:
+            for _ in range(5):  # connected, never sending: each a handshake until hello_timeout
+                await stack.enter_async_context(await anyio.connect_tcp("127.0.0.1", port))
+            while len(server.links) < 5:
+                await anyio.sleep(0.01)
+            for instance_id in (INSTANCE, SECOND):
+                await stack.enter_async_context(
+                    make_agent(port, tls[1], config, Gate(), instance_id=instance_id))
+                assert await server.dispatch(instance_id, "echo", {"text": instance_id}) == {
+                    "text": instance_id}
+            assert sorted(server.agents) == [INSTANCE, SECOND]
+            assert server.runtime.handshakes() == 5  # the silent ones, still open
