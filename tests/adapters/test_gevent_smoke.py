@@ -21,7 +21,6 @@ import gevent
 import gevent.event
 import gevent.ssl
 import trustme
-from svantic_adapters._runtime import DispatchError, HandlerError
 from svantic_adapters.gevent import Agent, MeshServer
 
 from svantic_proto import (
@@ -33,6 +32,7 @@ from svantic_proto import (
     jwt_dispatch_auth,
 )
 from svantic_proto.backoff import Backoff
+from svantic_proto.errors import DispatchError, HandlerError
 from svantic_proto.handshake import HandshakeRejected
 
 WAIT = 10.0
