@@ -31,7 +31,7 @@ from svantic_proto.mesh_runtime import (
 
 from ._pump import Pump
 
-__all__ = ["AgentHandle", "MeshDriver"]
+__all__ = ["AgentHandle", "AsyncAgentHandle", "MeshDriver"]
 
 log = logging.getLogger("svantic.mesh")
 LinkT = TypeVar("LinkT")
@@ -53,6 +53,25 @@ class AgentHandle(Generic[LinkT]):
     def instance_id(self) -> str | None:
         conn = self.conn
         return conn.instance_id if conn is not None else None
+
+
+class AsyncAgentHandle(AgentHandle[LinkT]):
+    """The handle of the async drivers (asyncio, anyio): await a dispatch or the end."""
+
+    __slots__ = ()
+
+    async def wait_closed(self) -> None:
+        """Until this agent's connection has ended."""
+        await self.link.done.wait()  # type: ignore[attr-defined]
+
+    async def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
+                       deadline_ms: int = 30_000,
+                       on_chunk: Callable[[Any], object] | None = None,
+                       task_id: str | None = None, session_context: Any = None) -> Any:
+        """Send a dispatch to this agent's instance; raise `DispatchError` on failure."""
+        return await self.server.dispatch(
+            self.instance_id, capability, arguments, deadline_ms=deadline_ms,
+            on_chunk=on_chunk, task_id=task_id, session_context=session_context)
 
 
 class MeshDriver(Generic[LinkT]):
@@ -82,6 +101,7 @@ class MeshDriver(Generic[LinkT]):
         self._deadline: float | None = None
         self.on_event: Callable[[Any, Event], None] | None = None
         """Told every core event with the agent's handle, for metrics and the application."""
+        self._setup()
 
     @property
     def config(self) -> Config:
@@ -103,6 +123,10 @@ class MeshDriver(Generic[LinkT]):
                 if link in handles}
 
     # -- hooks -----------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        """The driver's own state; called last by `__init__`, so every driver keeps the one
+        keyword signature above."""
 
     def _now(self) -> float:
         raise NotImplementedError

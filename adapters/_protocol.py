@@ -2,31 +2,25 @@
 `svantic_adapters.anyio` on the asyncio backend.
 
 A connection is an `asyncio.Protocol` on a plain TCP transport, with TLS over
-`ssl.MemoryBIO`s (`_tls.py`) and one core connection driven by a `Pump`; handlers start
-at once, a coroutine in a task of its own. Every protocol decision is the core's.
+`ssl.MemoryBIO`s (`_tls.py`), feeding whatever pump the agent or mesh driver gave it. The
+one timer of an agent or a mesh is a `LoopTimer`; handlers run as `_tasks.py` starts them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections.abc
-import contextvars
-import functools
-import inspect
 import logging
-import sys
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
 from svantic_proto import Config
-from svantic_proto.agent_runtime import Dial, StartHandler
-from svantic_proto.events import Event
+from svantic_proto.agent_runtime import Dial
 
-from ._pump import Pump
+from ._pump import DETACHED
 from ._tls import TlsError, TlsSession
 
 __all__ = ["WRITE_BUFFER_LIMIT", "Dialling", "LoopTimer", "ProtocolLink", "dial", "dispatch",
-           "listen", "spawn_handler", "start_handler"]
+           "listen"]
 
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
@@ -35,14 +29,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 OpenCallback = Callable[["ProtocolLink", BaseException | None], None]
 """Told once the transport is ready (TLS handshake done), or why it never will be."""
-
-
-def _ignore(*_: object) -> None:
-    pass
-
-
-_UNATTACHED = Pump(None, on_event=_ignore, write=_ignore, close=_ignore, arm_timer=_ignore)
-_UNATTACHED.closed = True  # the pump of a link with no core connection (yet): takes nothing
 
 
 class ProtocolLink(asyncio.Protocol):
@@ -63,7 +49,7 @@ class ProtocolLink(asyncio.Protocol):
                  on_done: Callable[[ProtocolLink], None] | None = None,
                  on_made: Callable[[ProtocolLink], bool] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
-        self.pump = _UNATTACHED
+        self.pump = DETACHED
         self.transport: asyncio.Transport | None = None
         self._tls, self._config, self._on_done = tls, config, on_done
         self._on_made = on_made  # the mesh's admission of a fresh transport
@@ -89,15 +75,6 @@ class ProtocolLink(asyncio.Protocol):
 
     def close(self) -> None:
         self._close()
-
-    def attach(self, conn: Any, on_event: Callable[[Event], None]) -> ProtocolLink:
-        """Drive `conn` from this transport (call `service()` next)."""
-        self.pump = Pump(conn, on_event=on_event, write=self._write, close=self._close,
-                         arm_timer=self._arm)
-        return self
-
-    def service(self) -> None:
-        self.pump.service()
 
     def abort(self) -> None:
         """Drop TCP at once, without a close frame, as a network fault would."""
@@ -235,17 +212,6 @@ class ProtocolLink(asyncio.Protocol):
             self._timer = self.loop.call_later(self._config.close_timeout, self.abort)
         self._end()
 
-    def _arm(self, deadline: float | None) -> None:
-        if self.pump.closed:
-            return  # the core is done; the timer now serves the TLS shutdown
-        self._cancel_timer()
-        if deadline is not None:
-            self._timer = self.loop.call_at(deadline, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self.pump.timer(self.loop.time())
-
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -346,117 +312,6 @@ async def listen(server: Any, link_class: Callable[..., ProtocolLink], host: str
         new_link, host, port, backlog=server.backlog)
     address = listener.sockets[0].getsockname()
     return listener, (address[0], address[1])
-
-
-def start_handler(handler: Callable[..., Any], arguments: Any, context: Any,
-                  answer: Callable[..., None]) -> asyncio.Task[None] | None:
-    """Run a handler as a task would, in its own copy of the context; returns the task while
-    it runs.
-
-    A plain function is called here and answered at once: no task, no extra loop pass. A
-    coroutine runs in a task from its first line (`asyncio.timeout`, `current_task()` and
-    cancellation need one), started eagerly as Python 3.12's `eager_start` does: one that
-    answers without waiting answers in this pass, in the write of the read it came from.
-    """
-    handler_context = contextvars.copy_context()
-    try:
-        result = handler_context.run(handler, arguments, context)
-    except Exception as exc:  # a handler failure is the dispatch's failure, not ours
-        answer("raised", exc)
-        return None
-    if not inspect.isawaitable(result):
-        answer("send_result", result)
-        return None
-    loop = asyncio.get_running_loop()
-    runner = finish_handler(result, answer)
-    if sys.version_info >= (3, 12):
-        task = asyncio.Task(runner, loop=loop, context=handler_context, eager_start=True)
-    elif asyncio.current_task(loop) is not None:  # one task may not step another
-        task = loop.create_task(runner, context=handler_context)
-    else:
-        eager = _EagerStart(runner)
-        task = loop.create_task(eager, context=handler_context)
-        handler_context.run(eager.first_step, loop, task)
-        if eager.finished:
-            return None
-    return None if task.done() else task
-
-
-class _EagerStart(collections.abc.Coroutine[Any, Any, None]):
-    """Python 3.11's stand-in for 3.12's `eager_start`: the task's first step is run at once,
-    by `first_step` with the task as the current one; the task then takes what that step
-    awaits (or its end) as its own first step, and drives the coroutine from there."""
-
-    __slots__ = ("_coroutine", "_first", "_outcome", "finished")
-
-    def __init__(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        self._coroutine, self._first, self.finished = coroutine, True, False
-        self._outcome: Any = None  # what the first step awaits, or the exception it raised
-
-    def first_step(self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[None]) -> None:
-        asyncio.tasks._enter_task(loop, task)
-        try:
-            self._outcome = self._coroutine.send(None)
-        except StopIteration:
-            self.finished = True
-        except BaseException as exc:  # the task raises it, as its own step would
-            self._outcome = exc
-        finally:
-            asyncio.tasks._leave_task(loop, task)
-
-    def send(self, value: Any) -> Any:
-        if self._first:
-            self._first = False
-            if self.finished:
-                raise StopIteration
-            if isinstance(self._outcome, BaseException):
-                raise self._outcome
-            return self._outcome
-        return self._coroutine.send(value)
-
-    def throw(self, *exc: Any) -> Any:  # a cancellation: to the coroutine, unless it ended
-        self._first = False
-        if self.finished:
-            raise StopIteration
-        return self._coroutine.throw(*exc)
-
-    def close(self) -> None:
-        self._coroutine.close()
-
-    def __await__(self) -> Generator[Any, None, None]:
-        raise TypeError("driven by its task only")
-
-
-async def finish_handler(awaitable: Awaitable[Any], answer: Callable[..., None]) -> None:
-    """The rest of a coroutine handler, in its task: its outcome becomes the answer."""
-    try:
-        result = await awaitable
-    except asyncio.CancelledError:  # ours (the runtime's CancelHandler) or anyone's
-        answer("cancelled")
-    except Exception as exc:  # a handler failure is the dispatch's failure, not ours
-        answer("raised", exc)
-    else:
-        answer("send_result", result)
-
-
-def _answer(agent: Any, dispatch_id: str, kind: str, *args: Any) -> None:
-    if kind == "send_result":
-        agent._returned(dispatch_id, *args)
-    elif kind == "raised":
-        agent._raised(dispatch_id, *args)
-    else:
-        agent._cancelled(dispatch_id)
-
-
-def spawn_handler(agent: Any, start: StartHandler) -> None:
-    """`start_handler` for an agent: its task, while it runs, is the agent's to cancel."""
-    dispatch_id = start.dispatch_id
-    task = start_handler(start.handler, start.arguments, start.context,
-                         functools.partial(_answer, agent, dispatch_id))
-    if task is not None:
-        handlers = agent._handlers
-        handlers[dispatch_id] = task
-        task.add_done_callback(lambda _: handlers.pop(dispatch_id, None))
 
 
 async def dispatch(server: Any, instance_id: str, capability: str,

@@ -32,9 +32,9 @@ from svantic_proto.errors import DispatchError, HandlerError, LocalProtocolError
 from svantic_proto.frames import SessionContext
 from svantic_proto.mesh_runtime import AdmissionNeeded
 
-from . import _protocol
+from . import _protocol, _tasks
 from ._agent import AgentDriver
-from ._mesh import AgentHandle, MeshDriver
+from ._mesh import AsyncAgentHandle, MeshDriver
 from ._protocol import ProtocolLink
 from ._streams import WRITE_BUFFER_LIMIT, StreamLink, TaskTimer
 
@@ -104,7 +104,7 @@ class Agent(TaskTimer, AgentDriver[Awaitable[str]]):
 
     def _start_handler(self, start: StartHandler) -> None:
         if self._native:
-            _protocol.spawn_handler(self, start)
+            _tasks.spawn_handler(self, start)
         else:  # its scope now: a cancel before the task first runs counts
             self._handlers[start.dispatch_id] = scope = self._backend.create_cancel_scope()
             self._spawn(self._run_handler, start, scope)
@@ -217,24 +217,10 @@ connect = Agent
 AnyLink = StreamLink | ProtocolLink
 
 
-class AgentLink(AgentHandle[AnyLink]):
-    """The mesh's handle on one connected agent."""
+class AgentLink(AsyncAgentHandle[AnyLink]):
+    """The mesh's handle on one connected agent: `await dispatch(...)`, `await wait_closed()`."""
 
     __slots__ = ()
-
-    async def wait_closed(self) -> None:
-        """Until this agent's connection has ended."""
-        await self.link.done.wait()
-
-    async def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
-                       deadline_ms: int = 30_000,
-                       on_chunk: Callable[[Any], object] | None = None,
-                       task_id: str | None = None,
-                       session_context: SessionContext | None = None) -> Any:
-        """Send a dispatch to this agent's instance; raise `DispatchError` on failure."""
-        return await self.server.dispatch(
-            self.instance_id, capability, arguments, deadline_ms=deadline_ms,
-            on_chunk=on_chunk, task_id=task_id, session_context=session_context)
 
 
 class _Waiter:

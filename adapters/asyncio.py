@@ -1,8 +1,8 @@
 """svantic.v1 over plain asyncio (standard library only): an agent client and a mesh server.
 
-Every protocol decision is the core's; the transport (`_protocol.py`, shared with the
-anyio adapter on the asyncio backend) reads and writes bytes, keeps one timer per
-connection at the core's deadline, and starts handlers.
+Every decision is the runtimes' (`svantic_proto.agent_runtime`, `.mesh_runtime`); this module
+dials or listens, and its transport (`_protocol.py`, shared with the anyio adapter on the
+asyncio backend) moves bytes, with one timer per agent or mesh; `_tasks.py` runs handlers.
 """
 
 from __future__ import annotations
@@ -10,25 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from svantic_proto import (
-    Config,
     LocalProtocolError,
-    ResumeStore,
 )
 from svantic_proto.agent_runtime import Dial, StartHandler
 from svantic_proto.capabilities import DispatchContext
 from svantic_proto.errors import DispatchError, HandlerError
 from svantic_proto.frames import SessionContext
-from svantic_proto.mesh import MintDispatchAuth
 from svantic_proto.mesh_runtime import AdmissionNeeded
 
-from . import _protocol
+from . import _protocol, _tasks
 from ._agent import AgentDriver
-from ._mesh import AgentHandle, MeshDriver
+from ._mesh import AsyncAgentHandle, MeshDriver
 from ._protocol import WRITE_BUFFER_LIMIT, LoopTimer, ProtocolLink, dispatch, listen
 
 __all__ = [
@@ -73,7 +69,7 @@ class Agent(LoopTimer, AgentDriver[Awaitable[str]]):
             self._dialling = None
 
     def _start_handler(self, start: StartHandler) -> None:
-        _protocol.spawn_handler(self, start)
+        _tasks.spawn_handler(self, start)
 
     def _cancel_handler(self, dispatch_id: str) -> None:
         task = self._handlers.get(dispatch_id)
@@ -148,24 +144,10 @@ connect = Agent
 """`async with connect(url, ...) as agent:` (connected and ready), or `await agent.run()`."""
 
 
-class AgentLink(AgentHandle[ProtocolLink]):
-    """The mesh's handle on one connected agent."""
+class AgentLink(AsyncAgentHandle[ProtocolLink]):
+    """The mesh's handle on one connected agent: `await dispatch(...)`, `await wait_closed()`."""
 
     __slots__ = ()
-
-    async def wait_closed(self) -> None:
-        """Until this agent's connection has ended."""
-        await self.link.done.wait()
-
-    async def dispatch(self, capability: str, arguments: Mapping[str, Any] | None = None, *,
-                       deadline_ms: int = 30_000,
-                       on_chunk: Callable[[Any], object] | None = None,
-                       task_id: str | None = None,
-                       session_context: SessionContext | None = None) -> Any:
-        """Send a dispatch to this agent's instance; raise `DispatchError` on failure."""
-        return await self.server.dispatch(
-            self.instance_id, capability, arguments, deadline_ms=deadline_ms,
-            on_chunk=on_chunk, task_id=task_id, session_context=session_context)
 
 
 class MeshServer(LoopTimer, MeshDriver[ProtocolLink]):
@@ -173,19 +155,10 @@ class MeshServer(LoopTimer, MeshDriver[ProtocolLink]):
 
     `verify_token(token)` returns claims with `tenant_id` (an object or a mapping) or
     raises; `lookup_instance(id)` returns an `InstanceRecord` or None; either may be a
-    coroutine function.
+    coroutine function. The keywords are `MeshDriver`'s.
     """
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None,
-                 verify_token: Callable[[str], Any], lookup_instance: Callable[[str], Any],
-                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
-                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
-                 max_handshakes: int = 1024, backlog: int = 4096) -> None:
-        super().__init__(ssl_context=ssl_context, verify_token=verify_token,
-                         lookup_instance=lookup_instance, dispatch_auth=dispatch_auth,
-                         config=config, resume_store=resume_store,
-                         max_connections=max_connections, max_handshakes=max_handshakes,
-                         backlog=backlog)
+    def _setup(self) -> None:
         self._server: asyncio.Server | None = None
         self._arrived = asyncio.Event()
         self._shut: asyncio.Event | None = None

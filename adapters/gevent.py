@@ -39,11 +39,9 @@ import gevent.socket
 import greenlet
 from gevent.server import StreamServer
 
-from svantic_proto import Config, ResumeStore
 from svantic_proto.agent_runtime import Dial, StartHandler
 from svantic_proto.errors import HandshakeRejected, LocalProtocolError
 from svantic_proto.frames import SessionContext
-from svantic_proto.mesh import MintDispatchAuth
 from svantic_proto.mesh_runtime import AdmissionNeeded
 
 from ._agent import AgentDriver
@@ -477,16 +475,7 @@ class MeshServer(MeshDriver[_Link]):
 
     _now = staticmethod(_now)
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None,
-                 verify_token: Callable[[str], Any], lookup_instance: Callable[[str], Any],
-                 dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
-                 resume_store: ResumeStore | None = None, max_connections: int = 10_000,
-                 max_handshakes: int = 1024, backlog: int = 4096) -> None:
-        super().__init__(ssl_context=ssl_context, verify_token=verify_token,
-                         lookup_instance=lookup_instance, dispatch_auth=dispatch_auth,
-                         config=config, resume_store=resume_store,
-                         max_connections=max_connections, max_handshakes=max_handshakes,
-                         backlog=backlog)
+    def _setup(self) -> None:
         self._hub: Any = None  # the hub that owns the mesh, from `start()`
         self._server: StreamServer | None = None
         self._arrived, self._shut = gevent.event.Event(), gevent.event.Event()

@@ -155,7 +155,7 @@ def test_each_handler_has_its_own_context() -> None:
 
 def test_a_coroutine_handler_cancelled_before_its_task_first_ran_answers_cancelled() -> None:
     """Started eagerly from a loop callback, then cancelled in the same pass."""
-    from svantic_adapters._protocol import start_handler
+    from svantic_adapters._tasks import start_handler
 
     started: list[asyncio.Task[Any] | None] = []
 
@@ -185,7 +185,7 @@ def test_a_coroutine_handler_cancelled_before_its_task_first_ran_answers_cancell
 
 def test_a_coroutine_handler_that_answers_at_once_answers_before_start_handler_returns() -> None:
     """Eagerly, in its task: the answer joins the write of the read it came from."""
-    from svantic_adapters._protocol import start_handler
+    from svantic_adapters._tasks import start_handler
 
     async def at_once(arguments: Any, context: Any) -> Any:
         return [arguments, asyncio.current_task() is not None]
@@ -209,7 +209,7 @@ def test_a_coroutine_handler_that_answers_at_once_answers_before_start_handler_r
 
 def test_a_coroutine_handler_started_from_a_task_runs_in_a_task_of_its_own() -> None:
     """One task may not step another: from inside a task, the handler's task starts later."""
-    from svantic_adapters._protocol import start_handler
+    from svantic_adapters._tasks import start_handler
 
     async def handler(arguments: Any, context: Any) -> Any:
         return asyncio.current_task()

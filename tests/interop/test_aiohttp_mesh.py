@@ -265,14 +265,12 @@ def test_token_refresh_extension_downgrades(tls: TLS) -> None:
             conn = agent.conn
             assert conn is not None and agent.link is not None
             fresh = transport_token(TRANSPORT_SECRET, tenant_id=TENANT, lifetime=900)
-            assert conn.refresh_token(fresh) is True
-            agent.link.service()
+            assert agent.refresh_token(fresh) is True
             refresh = await mesh.wait_received(session, lambda f: f["type"] == "token_refresh")
             await ping_barrier(mesh, session)  # the mesh answered it, and our agent read that
             answer = next(f for f in session.sent if f.get("in_reply_to") == refresh["id"])
             assert answer["type"] == "error" and answer["payload"]["code"] == "BAD_FRAME"
-            assert conn.refresh_token(fresh) is False  # downgraded: reconnect with it instead
-            agent.link.service()
+            assert agent.refresh_token(fresh) is False  # downgraded: reconnect with it instead
             await ping_barrier(mesh, session)
             assert len(session.frames("token_refresh")) == 1
             assert mesh.live(INSTANCE) is session and not conn.closed
