@@ -26,6 +26,7 @@ import ssl
 import struct
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -1180,3 +1181,65 @@ def closed_port() -> int:
         probe.bind((HOST, 0))
         port: int = probe.getsockname()[1]
     return port
+
+
+# -- one test's sides, torn down together ------------------------------------------------------
+
+BASE = Config(hello_timeout=5.0, close_timeout=1.0, reconnect_base_delay=0.25)
+"""Spec 4-5: every time is configurable and tests use small ones; backoff starts at 0.25 s."""
+
+
+class Scenario:
+    """Builds sides and fault injectors for one test and tears all of them down."""
+
+    def __init__(self, certs: Certs) -> None:
+        self.certs = certs
+        self._agents: list[AgentSide] = []
+        self._meshes: list[MeshSide] = []
+        self._closers: list[Callable[[], None]] = []
+
+    def mesh(self, kind: str, config: Config = BASE, registry: Registry | None = None,
+             **server_options: Any) -> MeshSide:
+        mesh = MeshSide(kind, self.certs, config, registry, **server_options)
+        self._meshes.append(mesh)
+        return mesh
+
+    def agent(self, kind: str, url: str, *, start: bool = True, config: Config = BASE,
+              certs: Certs | None = None, **options: Any) -> AgentSide:
+        """An agent, started unless `start=False`; `certs` gives it another CA to trust."""
+        options.setdefault("instance_id", new_instance_id())
+        agent = AgentSide(kind, url, certs or self.certs, config=config, **options)
+        self._agents.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    def proxy(self, target_port: int) -> TcpProxy:
+        proxy = TcpProxy(target_port)
+        self._closers.append(proxy.close)
+        return proxy
+
+    def canned(self, status: int, code: str) -> CannedHttpsServer:
+        server = CannedHttpsServer(self.certs, status, code)
+        self._closers.append(server.close)
+        return server
+
+    def silent(self) -> SilentListener:
+        listener = SilentListener()
+        self._closers.append(listener.close)
+        return listener
+
+    def teardown(self) -> None:
+        for agent in self._agents:
+            agent.shutdown()
+        for mesh in self._meshes:
+            mesh.shutdown()
+        for close in self._closers:
+            close()
+        sides: list[AgentSide | MeshSide] = [*self._agents, *self._meshes]
+        stuck = [f"{side.kind} {type(side).__name__}" for side in sides if side.runner.alive]
+        assert not stuck, f"these loops did not stop after shutdown: {stuck}"
+
+
+def new_instance_id(prefix: str = "agent") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"

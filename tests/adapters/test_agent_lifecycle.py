@@ -15,24 +15,23 @@ import concurrent.futures
 import contextlib
 import logging
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
 import pytest
 from harness import (
+    BASE,
     CALL_TIMEOUT,
     DRIVERS,
     HOST,
     AgentSide,
     AnyioDriver,
-    CannedHttpsServer,
     Certs,
     GeventDriver,
     HandlerLog,
     MeshSide,
-    SilentListener,
+    Scenario,
     closed_port,
     wait_until,
 )
@@ -50,7 +49,6 @@ from svantic_proto.errors import DispatchError
 
 MESH = "asyncio"
 """The reference mesh: what is tested here is the agent."""
-BASE = Config(hello_timeout=5.0, close_timeout=1.0, reconnect_base_delay=0.25)
 FIRST_BACKOFF_MAX = BASE.reconnect_base_delay * 1.25
 """Spec 5: the first reconnect waits base x [0.75, 1.25]; proving "no retry" needs that long."""
 FAST_RETRY = replace(BASE, reconnect_base_delay=0.05, reconnect_max_delay=0.2)
@@ -66,10 +64,6 @@ def _marks(*kinds: str) -> list[pytest.MarkDecorator]:
 
 
 KIND_PARAMS = [pytest.param(kind, id=kind, marks=_marks(kind, MESH)) for kind in DRIVERS]
-
-
-def new_instance_id(prefix: str = "agent") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 def stays(predicate: Callable[[], bool], duration: float) -> bool:
@@ -171,56 +165,33 @@ def killed_handler(side: AgentSide, log: HandlerLog) -> Callable[..., Any]:
 # -- sides and fault injectors, torn down whatever happened ------------------------------------
 
 
-class Lifecycle:
+class Lifecycle(Scenario):
+    """`Scenario`, plus agents run in the background (`run()`) and stopped at teardown."""
+
     def __init__(self, certs: Certs) -> None:
-        self.certs = certs
-        self._agents: list[AgentSide] = []
+        super().__init__(certs)
         self._running: list[tuple[AgentSide, concurrent.futures.Future[float]]] = []
-        self._meshes: list[MeshSide] = []
-        self._closers: list[Callable[[], None]] = []
 
-    def mesh(self) -> MeshSide:
-        mesh = MeshSide(MESH, self.certs, BASE)
-        self._meshes.append(mesh)
-        return mesh
+    def mesh(self, kind: str = MESH, config: Config = BASE, registry: Any = None,
+             **server_options: Any) -> MeshSide:
+        return super().mesh(kind, config, registry, **server_options)
 
-    def agent(self, kind: str, url: str, *, config: Config = BASE, certs: Certs | None = None,
-              **options: Any) -> AgentSide:
-        """An agent, built but not started; `certs` gives it another CA to trust."""
-        options.setdefault("instance_id", new_instance_id())
-        agent = AgentSide(kind, url, certs or self.certs, config=config, **options)
-        self._agents.append(agent)
-        return agent
+    def agent(self, kind: str, url: str, *, start: bool = False, config: Config = BASE,
+              certs: Certs | None = None, **options: Any) -> AgentSide:
+        """An agent, built but not started."""
+        return super().agent(kind, url, start=start, config=config, certs=certs, **options)
 
     def run(self, agent: AgentSide) -> concurrent.futures.Future[float]:
         running = run_agent(agent)
         self._running.append((agent, running))
         return running
 
-    def canned(self, status: int, code: str) -> CannedHttpsServer:
-        server = CannedHttpsServer(self.certs, status, code)
-        self._closers.append(server.close)
-        return server
-
-    def silent(self) -> SilentListener:
-        listener = SilentListener()
-        self._closers.append(listener.close)
-        return listener
-
     def teardown(self) -> None:
         for agent, running in self._running:
             if not running.done():
                 with contextlib.suppress(BaseException):
                     stop_agent(agent, timeout=5.0)
-        for agent in self._agents:
-            agent.shutdown()
-        for mesh in self._meshes:
-            mesh.shutdown()
-        for close in self._closers:
-            close()
-        sides: list[AgentSide | MeshSide] = [*self._agents, *self._meshes]
-        stuck = [f"{side.kind} {type(side).__name__}" for side in sides if side.runner.alive]
-        assert not stuck, f"these loops did not stop after shutdown: {stuck}"
+        super().teardown()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import json
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
@@ -23,17 +22,19 @@ import pytest
 import websockets.exceptions
 import websockets.sync.client
 from harness import (
+    BASE,
     DRIVERS,
     EXPIRED_TOKEN,
     FRESH_TOKEN,
     GOOD_TOKEN,
     HOST,
     AgentSide,
-    CannedHttpsServer,
     Certs,
     MeshSide,
     Registry,
+    Scenario,
     TcpProxy,
+    new_instance_id,
     raw_upgrade,
     upgrade_headers,
     wait_until,
@@ -53,8 +54,6 @@ from svantic_proto.handshake import (
     UnsupportedSubprotocol,
 )
 
-BASE = Config(hello_timeout=5.0, close_timeout=1.0, reconnect_base_delay=0.25)
-"""Spec 4-5: every time is configurable and tests use small ones; backoff starts at 0.25 s."""
 FIRST_BACKOFF_MAX = BASE.reconnect_base_delay * 1.25
 """Spec 5: the first reconnect waits base x [0.75, 1.25]; proving "no retry" needs that long."""
 
@@ -81,55 +80,6 @@ PAIR_PARAMS = [
 ]
 KIND_PARAMS = [pytest.param(kind, id=kind, marks=_marks(kind)) for kind in DRIVERS]
 
-
-class Scenario:
-    """Builds sides and fault injectors for one test and tears all of them down."""
-
-    def __init__(self, certs: Certs) -> None:
-        self.certs = certs
-        self._agents: list[AgentSide] = []
-        self._meshes: list[MeshSide] = []
-        self._closers: list[Callable[[], None]] = []
-
-    def mesh(self, kind: str, config: Config = BASE, registry: Registry | None = None,
-             **server_options: Any) -> MeshSide:
-        mesh = MeshSide(kind, self.certs, config, registry, **server_options)
-        self._meshes.append(mesh)
-        return mesh
-
-    def agent(self, kind: str, url: str, *, start: bool = True, config: Config = BASE,
-              **options: Any) -> AgentSide:
-        options.setdefault("instance_id", new_instance_id())
-        agent = AgentSide(kind, url, self.certs, config=config, **options)
-        self._agents.append(agent)
-        if start:
-            agent.start()
-        return agent
-
-    def proxy(self, target_port: int) -> TcpProxy:
-        proxy = TcpProxy(target_port)
-        self._closers.append(proxy.close)
-        return proxy
-
-    def canned(self, status: int, code: str) -> CannedHttpsServer:
-        server = CannedHttpsServer(self.certs, status, code)
-        self._closers.append(server.close)
-        return server
-
-    def teardown(self) -> None:
-        for agent in self._agents:
-            agent.shutdown()
-        for mesh in self._meshes:
-            mesh.shutdown()
-        for close in self._closers:
-            close()
-        sides: list[AgentSide | MeshSide] = [*self._agents, *self._meshes]
-        stuck = [f"{side.kind} {type(side).__name__}" for side in sides if side.runner.alive]
-        assert not stuck, f"these loops did not stop after shutdown: {stuck}"
-
-
-def new_instance_id(prefix: str = "agent") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
 
 
 @pytest.fixture(scope="session")
