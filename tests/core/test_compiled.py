@@ -1,17 +1,23 @@
-"""The compiled build and the sources are one implementation: a switch picks the sources.
+"""One implementation, compiled or not; and a development build that cannot go stale.
 
-The rest of the suite runs on whatever is installed (compiled when a compiler was there);
-`scripts/test` runs the core suite a second time with `SVANTIC_PURE_PYTHON=1`.
+The development install (`./scripts/_env`, an editable install) is pure Python: after editing
+a core source, a plain `pytest` runs the edited code. The compiled core is opt-in
+(`SVANTIC_COMPILE=1` at build time, see `setup.py`) and is never built beside the sources;
+`scripts/test` builds it into a wheel, installs that into a venv of its own, and runs the
+core's tests against it from outside the tree with `SVANTIC_EXPECT_COMPILED=1`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,6 +26,13 @@ import svantic_proto
 from svantic_proto import DispatchReceived, _compiled
 from svantic_proto.framing import Framing, TextReceived
 from svantic_proto.testing import Pair
+
+ROOT = Path(__file__).resolve().parents[2]
+SOURCES = ROOT / "svantic_proto"
+EXPECT_COMPILED = os.environ.get("SVANTIC_EXPECT_COMPILED", "") == "1"
+DEVELOPMENT_INSTALL = Path(svantic_proto.__file__).resolve().parent == SOURCES
+# What a mypyc build makes in the package: one module per compiled source and their library.
+MYPYC_OUTPUTS = (*_compiled.COMPILED_MODULES, "_native__mypyc")
 
 PROBE = (
     "import json, importlib, svantic_proto as s; from svantic_proto import _compiled as c; "
@@ -38,6 +51,60 @@ def probe(switch: str | None) -> tuple[bool, list[str]]:
     )
     compiled, files = json.loads(done.stdout)
     return compiled, files
+
+
+def readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", readme, re.S | re.M)
+    assert match, f"README.md has no section {title!r}"
+    return match.group(1)
+
+
+@pytest.mark.skipif(not DEVELOPMENT_INSTALL, reason="runs on the development install")
+def test_the_development_install_runs_the_sources() -> None:
+    """No switch set: what a plain `pytest` imports is the sources, as the README says."""
+    assert "`svantic_proto.COMPILED` is `False`" in readme_section("The compiled core")
+    left = [path.name for name in MYPYC_OUTPUTS
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES
+            if (path := SOURCES / f"{name}{suffix}").exists()]
+    assert not left, (
+        f"compiled modules beside their sources would run instead of them: {left}; an "
+        "editable install removes them (./scripts/test, or pip install -e .)")
+    compiled, files = probe(None)
+    assert compiled is False
+    assert all(Path(f).resolve().parent == SOURCES and f.endswith(".py") for f in files)
+
+
+@pytest.mark.skipif(not DEVELOPMENT_INSTALL, reason="runs on the development install")
+def test_the_c_extension_is_not_older_than_its_source() -> None:
+    """`_speedups` has no `.py` twin, so the editable install builds it beside its source."""
+    try:
+        from svantic_proto import _speedups
+    except ImportError:
+        pytest.skip("built without a C compiler: the codec runs its pure-Python fallback")
+    built = Path(_speedups.__file__)
+    source = SOURCES / "_speedups.c"
+    assert built.stat().st_mtime >= source.stat().st_mtime, (
+        f"{built.name} is older than {source.name}: rebuild it with ./scripts/test "
+        "(or pip install -e .) before running the tests")
+
+
+@pytest.mark.skipif(not EXPECT_COMPILED, reason="runs in the compiled run of scripts/test")
+def test_the_compiled_run_runs_the_installed_compiled_build() -> None:
+    assert os.environ.get(_compiled.PURE_PYTHON_ENV, "") in ("", "0")
+    assert not DEVELOPMENT_INSTALL, f"{svantic_proto.__file__} is the source tree"
+    assert svantic_proto.COMPILED is True
+    compiled, files = probe(None)
+    assert compiled is True
+    assert not any(f.endswith(".py") for f in files)
+
+
+def test_scripts_test_has_the_compiled_run() -> None:
+    script = (ROOT / "scripts" / "test").read_text()
+    for step in ("SVANTIC_COMPILE=1", "pip wheel", "SVANTIC_EXPECT_COMPILED=1",
+                 '"$root/tests/core"', '"$root/tests/test_bench_roundtrip_smoke.py"'):
+        assert step in script, f"scripts/test lost a step of its compiled run: {step}"
+    assert "./scripts/test" in (ROOT / ".ci" / "run").read_text()
 
 
 def test_the_switch_imports_every_compiled_module_from_its_source() -> None:

@@ -808,6 +808,11 @@ def test_the_close_a_host_reports_without_a_code_is_1005_and_1006_is_an_eof() ->
 # -- the API mirrors the core's ------------------------------------------------------------------
 
 
+def _shape(method: Any) -> list[tuple[str, Any, Any]]:
+    parameters = list(inspect.signature(method).parameters.values())
+    return [(p.name, p.kind if p.name != "self" else None, p.default) for p in parameters]
+
+
 @pytest.mark.parametrize(("wrapper", "core"), [
     (MeshMessages, MeshConnection),
     (AgentMessages, AgentConnection),
@@ -816,9 +821,8 @@ def test_the_sending_api_has_the_core_s_signatures(wrapper: type, core: type) ->
     names = [n for n in vars(wrapper) if not n.startswith("_") and callable(vars(wrapper)[n])]
     names = [n for n in names if hasattr(core, n)]
     assert len(names) >= 6
-    for name in names:
-        assert inspect.signature(getattr(wrapper, name)) == inspect.signature(
-            getattr(core, name)), name
+    for name in names:  # names, kinds and defaults: a compiled core shows no annotations
+        assert _shape(getattr(wrapper, name)) == _shape(getattr(core, name)), name
     init = inspect.signature(wrapper).parameters
     for name, parameter in inspect.signature(core).parameters.items():
         assert init[name].kind == parameter.kind and init[name].default == parameter.default
