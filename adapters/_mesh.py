@@ -183,11 +183,18 @@ class MeshDriver(Generic[LinkT]):
                 except Exception:  # an application callback must not take the mesh down
                     log.exception("on_event failed")
 
-        link.pump = Pump(conn, on_event=on_event, write=link.write,  # type: ignore[attr-defined]
-                         close=link.close,  # type: ignore[attr-defined]
-                         arm_timer=lambda deadline: self._schedule(link, deadline))
+        link.pump = self._new_pump(  # type: ignore[attr-defined]
+            link, conn, on_event, lambda deadline: self._schedule(link, deadline))
         link.pump.service()  # type: ignore[attr-defined]
         self._service()
+
+    def _new_pump(self, link: LinkT, conn: Any, on_event: Callable[[Event], None],
+                  arm_timer: Callable[[float | None], None]) -> Any:
+        """The link's pump over its core connection: bytes to `link.write`, the end to
+        `link.close`. A driver whose transport moves messages, not bytes, gives its own
+        (with the same `conn`, `closed` and `service()`)."""
+        return Pump(conn, on_event=on_event, write=link.write,  # type: ignore[attr-defined]
+                    close=link.close, arm_timer=arm_timer)  # type: ignore[attr-defined]
 
     def _closed(self, link: LinkT) -> None:
         """The transport is gone, whatever the reason."""

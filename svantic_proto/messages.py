@@ -421,6 +421,10 @@ class MeshMessages(_MessageEdge):
     `send_ping()`, `close_request()`, `close()`. Everything else the core connection has
     (`instance_id`, `in_flight`, `accepting_dispatches`, ...) is on `.connection`; feed it
     nothing directly.
+
+    `MeshMessages.around(connection, path, ...)` wraps a fresh `MeshConnection` made
+    elsewhere instead: a `MeshRuntime`'s, which then decides admission, the instance table
+    and shutdown for it as for a byte-mode link (`svantic_adapters.asgi` does this).
     """
 
     __slots__ = ("_outcome", "connection")
@@ -454,7 +458,48 @@ class MeshMessages(_MessageEdge):
             random_bytes=random_bytes,
             frames=frames,
         )
-        super().__init__(connection, masked_in=True, host_pings=host_pings)
+        self._begin(connection, path, query, headers, subprotocols, now=now,
+                    host_pings=host_pings)
+
+    @classmethod
+    def around(
+        cls,
+        connection: MeshConnection,
+        path: str,
+        query: str | bytes = "",
+        headers: Iterable[tuple[str | bytes, str | bytes]] | Mapping[str, str] = (),
+        subprotocols: Iterable[str] | None = None,
+        *,
+        now: float,
+        host_pings: bool = True,
+    ) -> MeshMessages:
+        """Message mode over a `MeshConnection` made elsewhere, such as the one
+        `MeshRuntime.open_connection()` returns, which must be fresh (nothing fed to it yet).
+
+        The upgrade's facts are fed to it at once, as the constructor does. Whoever made
+        `connection` may keep calling its own API (`accept()`, `reject()`, `send_dispatch()`,
+        `close()`, ...) and reading its events here; the host feeds messages and reads
+        `messages_to_send()` and `outcome` through this object only.
+        """
+        if connection.state is not MeshState.HANDSHAKE:
+            raise InvalidState("around() needs a fresh MeshConnection, still in HANDSHAKE")
+        messages = cls.__new__(cls)
+        messages._begin(connection, path, query, headers, subprotocols, now=now,
+                        host_pings=host_pings)
+        return messages
+
+    def _begin(
+        self,
+        connection: MeshConnection,
+        path: str,
+        query: str | bytes,
+        headers: Iterable[tuple[str | bytes, str | bytes]] | Mapping[str, str],
+        subprotocols: Iterable[str] | None,
+        *,
+        now: float,
+        host_pings: bool,
+    ) -> None:
+        _MessageEdge.__init__(self, connection, masked_in=True, host_pings=host_pings)
         self.connection = connection
         """The byte-mode connection inside: read it; send through this object."""
         self._outcome: UpgradeAccepted | UpgradeRefused | None = None

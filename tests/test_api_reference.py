@@ -37,6 +37,7 @@ PUBLIC_MODULES = (
     "svantic_adapters.asyncio",
     "svantic_adapters.anyio",
     "svantic_adapters.gevent",
+    "svantic_adapters.asgi",
 )
 
 

@@ -75,6 +75,7 @@ PUBLIC_MODULES = (
     "svantic_adapters.asyncio",
     "svantic_adapters.anyio",
     "svantic_adapters.gevent",
+    "svantic_adapters.asgi",
 )
 MODULES: dict[str, ModuleType] = {name: importlib.import_module(name) for name in PUBLIC_MODULES}
 
