@@ -1,54 +1,44 @@
 """WebSocket framing after the handshake (spec sections 2 and 4), sans-IO.
 
-This is the only module that imports wsproto, so the framing backend can be
-swapped without touching the connection state machines above it. wsproto parses
-and serialises frames; `Framing` adds what wsproto leaves to its caller and the
-spec requires: message reassembly with a size cap (1 MiB) and a fragment cap
-(1024) checked *while* bytes arrive, automatic pongs, the close echo, and one
-failure path that queues the right close code (1002, 1007, 1009) and reports it.
-permessage-deflate is never used (section 4: it inflates without bound).
+This module owns the whole of RFC 6455 framing that svantic.v1 uses; it imports no
+WebSocket library. Receiving: frame headers (opcodes, RSV bits, the minimal length
+forms, masking by role), control frames (at most 125 bytes, never fragmented),
+fragmentation and continuation, strict UTF-8 for text (checked incrementally, so a
+bad byte fails 1007 in the read it arrives in), close frame payloads (a valid code,
+a UTF-8 reason), the automatic pong and the close echo. Sending: text messages,
+pings, pongs and closes, masked with a fresh key by a client. On top of RFC 6455,
+the limits of section 4: a message is at most `max_message_bytes` (1 MiB) and at
+most `max_fragments` (1024) frames, else 1009. permessage-deflate is never used
+(section 4: it inflates without bound).
 
 Usage: feed `receive_data(bytes)` (or `None` at EOF), act on the returned
 events, then write `data_to_send()` to the transport.
 
-Fast path. wsproto's pure-Python frame parser and serialiser cost ~8 us per frame,
-most of a dispatch round trip. Nearly every frame of section 2 is a whole,
-unfragmented text message, so `Framing` parses and serialises exactly those itself
-and hands everything else to wsproto, with the same events and the same queued
-bytes for every input stream (a differential test checks this):
+Every rule is checked as soon as the bytes that break it are here, and a frame is
+judged by its header: a header that makes the message too big (1009) or breaks the
+order of fragments (1002) fails the connection when the header is complete,
+whatever the payload and however TCP splits the reads. wsproto is the differential
+reference (tests/core/test_framing_fastpath.py): the same events, the same reasons
+and the same queued bytes on any stream and any split, except for those checks at
+the header, which wsproto makes when payload bytes arrive (docs/protocol-decisions.md).
 
-* receive: only while wsproto holds no buffered bytes, no half-parsed frame and no
-  message in progress, whole text frames (FIN set, RSV clear, masked iff we are
-  the server, minimal length, at most `max_message_bytes`, strict UTF-8) are
-  decoded from the front of the input. At the first frame that is anything else
-  (control, fragment, binary, invalid, oversized, incomplete) *all* remaining
-  bytes go to wsproto, which then reports or fails exactly as it would have.
-* send: text frames are serialised here (wsproto keeps no send state for a whole
-  data frame); ping, pong and close still go through wsproto, which owns the
-  closing state.
-
-The receive side reads wsproto internals, all set up by `FrameProtocol.__init__`
-(checked on wsproto 1.3.2): `Connection._proto._frame_decoder` with `.buffer.buffer`
-(the unparsed bytes) and `.header` (a frame whose payload is still arriving), and
-`Connection._proto._message_decoder.opcode` (a fragmented message in progress).
-If a wsproto lays them out otherwise, the fast path turns itself off. It also relies
-on `Framing` itself: a close received, a failure or EOF sets `_done`, so wsproto's
-parser is never consulted again once it has stopped.
+The hot path is a whole, unfragmented text message in one read, which is nearly
+every frame of section 2: `receive_data` decodes such frames inline and hands any
+other frame (control, fragment, binary, invalid, oversized, incomplete) to the
+general parser, which reports or fails as the rules say. A frame whose payload is
+still arriving is consumed as it comes (its payload is never buffered whole); only
+an incomplete header or control frame (at most 14 + 125 bytes) waits in a buffer.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
+from codecs import IncrementalDecoder, getincrementaldecoder
 from collections.abc import Callable
 from dataclasses import dataclass
 from os import urandom
-from typing import Any, TypeAlias, cast
-
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
-from wsproto.frame_protocol import Buffer, FrameDecoder, MessageDecoder
-from wsproto.utilities import LocalProtocolError as _WsprotoLocalProtocolError
+from typing import TypeAlias
 
 from .errors import LocalProtocolError
 
@@ -71,34 +61,74 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 """Section 4: a message is at most 1 MiB, else close 1009."""
 
 DEFAULT_MAX_FRAGMENTS = 1024
-"""Section 4: a message is at most 1024 frames, else close 1009 (each frame costs ~8 us)."""
+"""Section 4: a message is at most 1024 frames, else close 1009."""
 
-# Larger inputs are handed to wsproto in slices of this size, so a failure (1009,
-# 1007, 1002) stops the work after at most one slice instead of decoding
-# everything a careless adapter passed in one call.
-_FEED_SLICE_BYTES = 1 << 16
+# -- RFC 6455 section 5.2 ---------------------------------------------------------------
 
-# RFC 6455 section 7.4.1: "no status code was present" is reported as 1005.
-_NO_STATUS_RECEIVED = 1005
-_PROTOCOL_ERROR = 1002
-_MESSAGE_TOO_BIG = 1009
-# RFC 6455 7.4: codes a peer accepts on the wire below 3000 (1004-1006 and 1015
-# are reserved or local-only; wsproto peers also refuse the unregistered 1014).
-_SENDABLE_CLOSE_CODES = frozenset(
-    (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013)
-)
-
-# -- fast path constants (RFC 6455 section 5.2) --------------------------------------
-
-_FAST_PATH_DEFAULT = True
-"""Whether a new `Framing` parses and serialises whole text frames itself."""
-
-_FIN_TEXT = 0x81  # FIN set, RSV1-3 clear, opcode TEXT: the only first byte we take
+_CONTINUATION = 0x0
+_TEXT = 0x1
+_BINARY = 0x2
+_CLOSE = 0x8
+_PING = 0x9
+_PONG = 0xA
+_FIN = 0x80
+_RSV_BITS = 0x70
+_OPCODE_BITS = 0x0F
+_CONTROL_BIT = 0x08  # opcodes 0x8-0xF are control frames
+_VALID_OPCODES = frozenset((_CONTINUATION, _TEXT, _BINARY, _CLOSE, _PING, _PONG))
+_MAX_CONTROL_PAYLOAD = 125
+_FIN_TEXT = _FIN | _TEXT  # FIN set, RSV1-3 clear, opcode TEXT: the hot path's first byte
 _MASK_BIT = 0x80
+_LENGTH_BITS = 0x7F
 _LENGTH_16 = 126  # the 7-bit length field's markers for a 16- and a 64-bit length
 _LENGTH_64 = 127
 _HEADER_16 = struct.Struct("!BBH")
 _HEADER_64 = struct.Struct("!BBQ")
+_CLOSE_CODE = struct.Struct("!H")
+
+# -- close codes (RFC 6455 section 7.4) -------------------------------------------------
+
+# "No status code was present" is reported as 1005 and never sent.
+_NO_STATUS_RECEIVED = 1005
+_PROTOCOL_ERROR = 1002
+_INVALID_PAYLOAD = 1007
+_MESSAGE_TOO_BIG = 1009
+# Codes a peer accepts on the wire below 3000 (1004-1006 and 1015 are reserved or
+# local-only; wsproto peers also refuse the unregistered 1014).
+_SENDABLE_CLOSE_CODES = frozenset(
+    (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013)
+)
+# Codes we accept in a received close below 3000: the registered ones that may be
+# sent (RFC 6455 7.4.1 and the IANA registry as wsproto knows it). 3000-4999 are
+# for libraries and applications; anything else fails 1002.
+_RECEIVABLE_CLOSE_CODES = _SENDABLE_CLOSE_CODES
+_LOCAL_ONLY_CLOSE_CODES = frozenset((1005, 1006, 1015))
+_MAX_CLOSE_REASON_BYTES = _MAX_CONTROL_PAYLOAD - 2
+
+# The reasons of the failures, worded as wsproto words them (the differential tests
+# compare them, and they travel in the close frame).
+_BAD_CONTROL_LENGTH = "Control frame with payload len > 125"
+_FRAGMENTED_CONTROL = "Invalid attempt to fragment control frame"
+_NON_MINIMAL_16 = "Payload length used 2 bytes when 1 would have sufficed"
+_NON_MINIMAL_64 = "Payload length used 8 bytes when 2 would have sufficed"
+_LENGTH_64_MSB = "8-byte payload length with non-zero MSB"
+_RSV_SET = "Reserved bit set unexpectedly"
+_MASKED_TO_CLIENT = "client received unexpected masked frame"
+_UNMASKED_TO_SERVER = "server received unexpected unmasked frame"
+_STRAY_CONTINUATION = "unexpected CONTINUATION"
+_EXPECTED_CONTINUATION = {
+    _TEXT: "expected CONTINUATION, got <Opcode.TEXT: 1>",
+    _BINARY: "expected CONTINUATION, got <Opcode.BINARY: 2>",
+}
+_ONE_BYTE_CLOSE = "CLOSE with 1 byte payload"
+_CLOSE_CODE_OUT_OF_RANGE = "CLOSE with invalid code"
+_CLOSE_CODE_LOCAL_ONLY = "remote CLOSE with local-only reason"
+_CLOSE_CODE_RESERVED = "CLOSE with unknown reserved code"
+_CLOSE_REASON_NOT_UTF8 = "Error decoding CLOSE reason: "
+
+_Utf8Decoder = getincrementaldecoder("utf-8")
+"""Strict and incremental: a byte that cannot start or continue a character fails at
+once, and a character cut at the end of a message fails when the message ends."""
 
 # (Un)masking: one big-int XOR is fastest for small payloads (JSON frames of a few
 # hundred bytes); above this size four strided `bytes.translate` calls win. Measured
@@ -234,27 +264,11 @@ except ImportError:  # pragma: no cover - tests/core/test_speedups.py runs both
     _xor_mask = _xor_mask_py
 
 
-def _wsproto_receive_state(
-    connection: Connection,
-) -> tuple[FrameDecoder, Buffer, MessageDecoder] | None:
-    """The wsproto objects whose state says "idle" (see the module docstring), or None
-    if this wsproto lays them out differently: then the fast path stays off."""
-    protocol = getattr(connection, "_proto", None)
-    frame_decoder = getattr(protocol, "_frame_decoder", None)
-    message_decoder = getattr(protocol, "_message_decoder", None)
-    if not isinstance(frame_decoder, FrameDecoder) or not isinstance(
-        message_decoder, MessageDecoder
-    ):
-        return None
-    buffer = getattr(frame_decoder, "buffer", None)
-    if (
-        not isinstance(buffer, Buffer)
-        or not isinstance(getattr(buffer, "buffer", None), bytearray)
-        or getattr(frame_decoder, "header", False) is not None
-        or getattr(message_decoder, "opcode", False) is not None
-    ):
-        return None
-    return frame_decoder, buffer, message_decoder
+def _truncate_utf8(data: bytes, limit: int) -> bytes:
+    """At most `limit` bytes of UTF-8 `data`, without a character cut in half."""
+    if len(data) <= limit:
+        return data
+    return data[:limit].decode("utf-8", "ignore").encode("utf-8")
 
 
 class Framing:
@@ -270,22 +284,21 @@ class Framing:
         "_client",
         "_close_received",
         "_closed_sent",
-        "_connection",
+        "_decoder",
         "_done",
-        "_fast_send",
-        "_fragment_open",
         "_fragments",
-        "_handlers",
+        "_frame_fin",
+        "_frame_key",
         "_mask_offset",
         "_mask_pool",
         "_max_fragments",
         "_max_message_bytes",
         "_message_bytes",
+        "_message_opcode",
         "_outgoing",
+        "_pending",
+        "_remaining",
         "_text_parts",
-        "_ws_buffer",
-        "_ws_frame_decoder",
-        "_ws_message_decoder",
     )
 
     def __init__(
@@ -294,50 +307,36 @@ class Framing:
         *,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_fragments: int = DEFAULT_MAX_FRAGMENTS,
-        _fast_path: bool = _FAST_PATH_DEFAULT,
     ) -> None:
-        """`_fast_path=False` (private, for tests and benchmarks) sends every frame
-        through wsproto, the reference the fast path must match."""
         if isinstance(max_message_bytes, bool) or not isinstance(max_message_bytes, int):
             raise LocalProtocolError("max_message_bytes must be an int")
         if isinstance(max_fragments, bool) or not isinstance(max_fragments, int):
             raise LocalProtocolError("max_fragments must be an int")
         if max_message_bytes < 1 or max_fragments < 1:
             raise LocalProtocolError("max_message_bytes and max_fragments must be >= 1")
-        self._connection = Connection(
-            ConnectionType.CLIENT if client else ConnectionType.SERVER, extensions=[]
-        )
         self._max_message_bytes = max_message_bytes
         self._max_fragments = max_fragments
         self._client = bool(client)
-        receive_state = _wsproto_receive_state(self._connection) if _fast_path else None
-        if receive_state is None:
-            self._ws_frame_decoder: FrameDecoder | None = None
-            self._ws_buffer: Buffer | None = None
-            self._ws_message_decoder: MessageDecoder | None = None
-        else:
-            self._ws_frame_decoder, self._ws_buffer, self._ws_message_decoder = receive_state
-        self._fast_send = bool(_fast_path)
         self._mask_pool = b""
         self._mask_offset = 0
         self._outgoing: list[bytes] = []
-        # Reassembly of the message in progress: `_fragments` counts frames started,
-        # `_fragment_open` says the last event ended inside a frame (wsproto streams
-        # partial frames), `_message_bytes` is the running size in bytes.
-        self._text_parts: list[str] = []
+        # Received bytes not parsed yet: an incomplete header or control frame.
+        self._pending = b""
+        # The data frame whose payload is arriving: bytes still to come, its FIN bit,
+        # and its masking key turned to where the next byte starts (b"" if unmasked).
+        self._remaining = 0
+        self._frame_fin = False
+        self._frame_key = b""
+        # The message in progress: its opcode (0: none), frames started, bytes
+        # announced by their headers, and for text the UTF-8 decoder and the parts.
+        self._message_opcode = 0
         self._fragments = 0
-        self._fragment_open = False
         self._message_bytes = 0
+        self._decoder: IncrementalDecoder | None = None
+        self._text_parts: list[str] = []
         self._closed_sent = False
         self._close_received = False
         self._done = False
-        # Type dispatch for the rarer events; text has an inlined fast path.
-        self._handlers: dict[type[Event], Callable[[Any, list[FramingEvent]], None]] = {
-            BytesMessage: self._on_binary,
-            Ping: self._on_ping,
-            Pong: self._on_pong,
-            CloseConnection: self._on_close,
-        }
 
     # -- state -------------------------------------------------------------
 
@@ -373,18 +372,11 @@ class Framing:
         if self._closed_sent or self._done:
             raise LocalProtocolError("cannot send a message after the WebSocket close")
         try:
-            # wsproto is OPEN whenever the flags above allow a send; the state check
-            # is a safety net, so that a send it would refuse is still refused.
-            if not self._fast_send or self._connection.state is not ConnectionState.OPEN:
-                data = text if isinstance(text, str) else text.decode("utf-8")
-                self._outgoing.append(self._connection.send(TextMessage(data=data)))
-                return
             payload = text if isinstance(text, bytes) else text.encode("utf-8")
-        except UnicodeError as exc:  # a lone surrogate, or bytes that are not UTF-8
+        except UnicodeError as exc:  # a lone surrogate
             raise LocalProtocolError(f"text is not encodable as UTF-8: {exc}") from exc
-        # The fast path: the same bytes wsproto writes for a whole text message (RFC
-        # 6455 5.2: FIN, minimal length; a client masks with a fresh key), which
-        # leaves its send state untouched: it keeps none between whole messages.
+        # One whole frame (RFC 6455 5.2: FIN, the minimal length form; a client masks
+        # with a fresh key).
         length = len(payload)
         if not self._client:
             if length < _LENGTH_16:
@@ -413,6 +405,14 @@ class Framing:
         self._mask_offset = offset + 4
         return pool[offset : offset + 4]
 
+    def _control_frame(self, opcode: int, payload: bytes) -> bytes:
+        """One control frame (at most 125 bytes of payload), masked by a client."""
+        length = len(payload)
+        if not self._client:
+            return bytes((_FIN | opcode, length)) + payload
+        key = self._next_mask_key()
+        return bytes((_FIN | opcode, _MASK_BIT | length)) + key + _xor_mask(payload, 0, length, key)
+
     def send_ping(self, payload: bytes = b"") -> None:
         """Queue a WebSocket ping (section 4 liveness); at most 125 bytes.
 
@@ -421,18 +421,19 @@ class Framing:
         """
         if self._closed_sent or self._done:
             raise LocalProtocolError("cannot send a ping after the WebSocket close")
-        if len(payload) > 125:
+        if len(payload) > _MAX_CONTROL_PAYLOAD:
             raise LocalProtocolError("a ping payload is at most 125 bytes (RFC 6455 5.5)")
-        self._outgoing.append(self._connection.send(Ping(payload=payload)))
+        self._outgoing.append(self._control_frame(_PING, bytes(payload)))
 
     def send_close(self, code: int, reason: str = "") -> None:
         """Queue our close frame with `code` (section 4 lists the codes we use).
 
         Idempotent: once a close was queued (ours, an echo, or a failure's) or the
         transport ended, this does nothing, so shutdown paths need not race the
-        receive path. The reason is cut to fit the 125-byte control frame. Then
-        call `data_to_send()` and, once the peer's close arrives (`CloseReceived`)
-        or a timeout passes, close the transport.
+        receive path. The reason is cut to fit the 125-byte control frame (a lone
+        surrogate in it is sent as "?"). Then call `data_to_send()` and, once the
+        peer's close arrives (`CloseReceived`) or a timeout passes, close the
+        transport.
         """
         if isinstance(code, bool) or not isinstance(code, int):
             raise LocalProtocolError("close code must be an int")
@@ -441,6 +442,13 @@ class Framing:
         if self._closed_sent or self._done:
             return
         self._queue_close(code, reason)
+
+    def _queue_close(self, code: int, reason: str) -> None:
+        payload = _CLOSE_CODE.pack(code) + _truncate_utf8(
+            reason.encode("utf-8", "replace"), _MAX_CLOSE_REASON_BYTES
+        )
+        self._closed_sent = True
+        self._outgoing.append(self._control_frame(_CLOSE, payload))
 
     def data_to_send(self) -> bytes:
         """Return and clear the bytes queued for the transport (b"" when none)."""
@@ -464,222 +472,265 @@ class Framing:
         if data is None:
             self._done = True
             self._text_parts = []
+            self._decoder = None
             return [_TRANSPORT_CLOSED]
         if type(data) is not bytes:
             data = bytes(data)
         events: list[FramingEvent] = []
-        frame_decoder = self._ws_frame_decoder
-        consumed = 0
-        if (
-            frame_decoder is not None
-            and frame_decoder.header is None
-            and not self._ws_buffer.buffer  # type: ignore[union-attr]
-            and self._ws_message_decoder.opcode is None  # type: ignore[union-attr]
-        ):
-            consumed = self._receive_whole_text_frames(data, events)
-            if consumed == len(data):
-                return events
-        total = len(data)
-        if total > _FEED_SLICE_BYTES:
-            # Slices end where they would without the fast path (at multiples of the slice
-            # size from the start of this read): which failure a slice shows first (1007
-            # or 1009 for an oversized frame with bad UTF-8) must not depend on it.
-            view = memoryview(data)
-            start = consumed
-            while start < total and not self._done:
-                stop = min(total, (start // _FEED_SLICE_BYTES + 1) * _FEED_SLICE_BYTES)
-                self._receive_through_wsproto(bytes(view[start:stop]), events)
-                start = stop
-        else:
-            self._receive_through_wsproto(data[consumed:] if consumed else data, events)
-        return events
-
-    def _receive_whole_text_frames(self, data: bytes, events: list[FramingEvent]) -> int:
-        """The receive fast path: decode whole text frames from the front of `data`
-        and return how many bytes they took.
-
-        Stops, consuming nothing more, at the first frame wsproto must see: one that
-        is not FIN+TEXT with RSV clear, is masked wrongly for our side, encodes its
-        length non-minimally (RFC 6455 5.2 requires the minimal form; wsproto fails
-        it 1002), is over `max_message_bytes` (1009 as the limit is crossed, section
-        4), is not strict UTF-8 (1007, section 2), or is incomplete. wsproto then
-        gives the exact events and close of today, so nothing here can fail.
-        """
-        end = len(data)  # `receive_data` made it bytes
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
         position = 0
+        if self._remaining:  # the rest of a data frame's payload comes first
+            position = self._frame_payload(data, 0, events)
+            if position < 0:
+                return events
+        end = len(data)
         masked = not self._client  # RFC 6455 5.1: clients mask, servers never do
         mask_bit = _MASK_BIT if masked else 0
         max_bytes = self._max_message_bytes
+        idle = self._message_opcode == 0
         while end - position >= 2:
-            if data[position] != _FIN_TEXT:
-                break
-            second = data[position + 1]
-            if (second & _MASK_BIT) != mask_bit:
-                break
-            length = second & 0x7F
-            start = position + 2
-            if length == _LENGTH_16:
-                if end - start < 2:
-                    break
-                length = (data[start] << 8) | data[start + 1]
-                if length < _LENGTH_16:
-                    break
-                start += 2
-            elif length == _LENGTH_64:
-                if end - start < 8:
-                    break
-                length = int.from_bytes(data[start : start + 8], "big")
-                if length <= 0xFFFF or length >> 63:
-                    break
-                start += 8
-            if length > max_bytes:
-                break
-            payload: bytes | bytearray
-            if masked:
-                stop = start + 4 + length
-                if stop > end:
-                    break
-                payload = _xor_mask(data, start + 4, stop, data[start : start + 4])
-            else:
-                stop = start + length
-                if stop > end:
-                    break
-                payload = data[start:stop]
-            try:
-                text = payload.decode("utf-8")
-            except UnicodeDecodeError:
-                break
-            events.append(TextReceived(text))
-            position = stop
-        return position
+            # The hot path: a whole FIN text frame, RSV clear, masked as it must be, in
+            # the minimal length form, within the limit, here in full and strict UTF-8,
+            # while no message is in progress. Anything else: the general parser.
+            if idle and data[position] == _FIN_TEXT:
+                second = data[position + 1]
+                if (second & _MASK_BIT) == mask_bit:
+                    length = second & _LENGTH_BITS
+                    start = position + 2
+                    if length == _LENGTH_16:
+                        if end - start >= 2:
+                            length = (data[start] << 8) | data[start + 1]
+                            if length < _LENGTH_16:
+                                length = -1
+                            start += 2
+                        else:
+                            length = -1
+                    elif length == _LENGTH_64:
+                        if end - start >= 8:
+                            length = int.from_bytes(data[start : start + 8], "big")
+                            if length <= 0xFFFF or length >> 63:
+                                length = -1
+                            start += 8
+                        else:
+                            length = -1
+                    if 0 <= length <= max_bytes:
+                        payload: bytes | bytearray | None = None
+                        if masked:
+                            stop = start + 4 + length
+                            if stop <= end:
+                                payload = _xor_mask(data, start + 4, stop, data[start : start + 4])
+                        else:
+                            stop = start + length
+                            if stop <= end:
+                                payload = data[start:stop]
+                        if payload is not None:
+                            try:
+                                text: str | None = payload.decode("utf-8")
+                            except UnicodeDecodeError:
+                                text = None  # the general parser fails it 1007
+                            if text is not None:
+                                events.append(TextReceived(text))
+                                position = stop
+                                continue
+            position = self._frame(data, position, events)
+            if position < 0:
+                return events
+            idle = self._message_opcode == 0
+        if position < end:
+            self._pending = data[position:]
+        return events
 
-    def _receive_through_wsproto(self, data: bytes, events: list[FramingEvent]) -> None:
-        connection = self._connection
-        connection.receive_data(data)
-        max_bytes = self._max_message_bytes
-        for event in connection.events():
-            if type(event) is TextMessage:
-                text = event.data
-                # Size in bytes; ASCII (the common case, JSON) needs no encode.
-                size = len(text) if text.isascii() else len(text.encode("utf-8"))
-                if event.message_finished and not self._fragments:
-                    # Fast path: a whole message in one frame and one read.
-                    if size > max_bytes:
-                        self._fail(events, _MESSAGE_TOO_BIG, _too_big(max_bytes))
-                        break
-                    events.append(TextReceived(text))
-                    continue
-                if not self._fragment_open:
-                    if self._fragments == self._max_fragments:
-                        self._fail(events, _MESSAGE_TOO_BIG, self._too_many_fragments())
-                        break
-                    self._fragments += 1
-                total = self._message_bytes + size
-                if total > max_bytes:
-                    self._fail(events, _MESSAGE_TOO_BIG, _too_big(max_bytes))
-                    break
-                if event.message_finished:
-                    parts = self._text_parts
-                    parts.append(text)
-                    events.append(TextReceived("".join(parts)))
-                    parts.clear()
-                    self._message_bytes = 0
-                    self._fragments = 0
-                    self._fragment_open = False
-                else:
-                    if text:
-                        self._text_parts.append(text)
-                    self._message_bytes = total
-                    self._fragment_open = not event.frame_finished
-            else:
-                self._handlers[type(event)](event, events)
-                if self._done:
-                    break
+    def _frame(self, data: bytes, position: int, events: list[FramingEvent]) -> int:
+        """Parse the frame at `position` (at least 2 bytes are there) and return where
+        the next one starts; -1 to stop: failed, closed, or waiting for more bytes.
 
-    # -- rarer events (dispatched on type) -----------------------------------
-
-    def _on_binary(self, event: BytesMessage, events: list[FramingEvent]) -> None:
-        # Count, cap and drop: the caller closes 1003 (section 2), so the payload
-        # is never needed, but the caps still apply while it streams in.
-        if not self._fragment_open:
-            if self._fragments == self._max_fragments:
-                self._fail(events, _MESSAGE_TOO_BIG, self._too_many_fragments())
-                return
-            self._fragments += 1
-        total = self._message_bytes + len(event.data)
+        The checks run in wsproto's order, each as soon as its bytes are here: opcode,
+        fragmented control frame, control length, the minimal length form, RSV bits,
+        masking; then, for a data frame, the order of fragments and the limits, as
+        soon as the header is complete.
+        """
+        end = len(data)
+        first = data[position]
+        second = data[position + 1]
+        opcode = first & _OPCODE_BITS
+        if opcode not in _VALID_OPCODES:
+            return self._fail(events, _PROTOCOL_ERROR, f"Invalid opcode {opcode:#x}")
+        control = opcode & _CONTROL_BIT
+        fin = first & _FIN
+        if control and not fin:
+            return self._fail(events, _PROTOCOL_ERROR, _FRAGMENTED_CONTROL)
+        length = second & _LENGTH_BITS
+        if control and length > _MAX_CONTROL_PAYLOAD:
+            return self._fail(events, _PROTOCOL_ERROR, _BAD_CONTROL_LENGTH)
+        start = position + 2
+        if length == _LENGTH_16:
+            if end - start < 2:
+                return self._wait(data, position)
+            length = (data[start] << 8) | data[start + 1]
+            if length <= _MAX_CONTROL_PAYLOAD:
+                return self._fail(events, _PROTOCOL_ERROR, _NON_MINIMAL_16)
+            start += 2
+        elif length == _LENGTH_64:
+            if end - start < 8:
+                return self._wait(data, position)
+            length = int.from_bytes(data[start : start + 8], "big")
+            if length <= 0xFFFF:
+                return self._fail(events, _PROTOCOL_ERROR, _NON_MINIMAL_64)
+            if length >> 63:
+                return self._fail(events, _PROTOCOL_ERROR, _LENGTH_64_MSB)
+            start += 8
+        if first & _RSV_BITS:  # no extension is ever negotiated
+            return self._fail(events, _PROTOCOL_ERROR, _RSV_SET)
+        key = b""
+        if second & _MASK_BIT:
+            if self._client:
+                return self._fail(events, _PROTOCOL_ERROR, _MASKED_TO_CLIENT)
+            if end - start < 4:
+                return self._wait(data, position)
+            key = data[start : start + 4]
+            start += 4
+        elif not self._client:
+            return self._fail(events, _PROTOCOL_ERROR, _UNMASKED_TO_SERVER)
+        if control:
+            stop = start + length
+            if stop > end:  # a control frame is taken whole
+                return self._wait(data, position)
+            payload = bytes(_xor_mask(data, start, stop, key)) if key else data[start:stop]
+            self._control(opcode, payload, events)
+            return -1 if self._done else stop
+        # A data frame, judged by its header: the order of fragments, then the limits.
+        if self._message_opcode == 0:
+            if opcode == _CONTINUATION:
+                return self._fail(events, _PROTOCOL_ERROR, _STRAY_CONTINUATION)
+        elif opcode != _CONTINUATION:
+            return self._fail(events, _PROTOCOL_ERROR, _EXPECTED_CONTINUATION[opcode])
+        if self._fragments == self._max_fragments:
+            return self._fail(
+                events, _MESSAGE_TOO_BIG, f"message has more than {self._max_fragments} fragments"
+            )
+        total = self._message_bytes + length
         if total > self._max_message_bytes:
-            self._fail(events, _MESSAGE_TOO_BIG, _too_big(self._max_message_bytes))
-            return
-        if event.message_finished:
-            events.append(BinaryReceived(total))
-            self._message_bytes = 0
+            return self._fail(
+                events, _MESSAGE_TOO_BIG, f"message exceeds {self._max_message_bytes} bytes"
+            )
+        self._fragments += 1
+        self._message_bytes = total
+        if self._message_opcode == 0:
+            self._message_opcode = opcode
+            if opcode == _TEXT:
+                self._decoder = _Utf8Decoder()
+        self._frame_fin = bool(fin)
+        self._frame_key = key
+        self._remaining = length
+        return self._frame_payload(data, start, events)
+
+    def _frame_payload(self, data: bytes, start: int, events: list[FramingEvent]) -> int:
+        """Take what is here of the current data frame's payload, from `start`; return
+        where the next frame starts (the end of `data` if the payload goes on), -1 on
+        a failure. Text is decoded as it comes; binary is only counted."""
+        remaining = self._remaining
+        available = len(data) - start
+        size = remaining if available >= remaining else available
+        stop = start + size
+        remaining -= size
+        self._remaining = remaining
+        finished = remaining == 0 and self._frame_fin
+        decoder = self._decoder
+        if decoder is not None:
+            key = self._frame_key
+            if size or finished:
+                chunk = _xor_mask(data, start, stop, key) if key else data[start:stop]
+                try:
+                    text = decoder.decode(chunk, finished)
+                except UnicodeDecodeError as exc:
+                    return self._fail(events, _INVALID_PAYLOAD, str(exc))
+                if text:
+                    self._text_parts.append(text)
+            if remaining and size & 3 and key:
+                turn = size & 3
+                self._frame_key = key[turn:] + key[:turn]
+        if finished:
+            if decoder is not None:
+                parts = self._text_parts
+                events.append(TextReceived(parts[0] if len(parts) == 1 else "".join(parts)))
+                self._text_parts = []
+                self._decoder = None
+            else:
+                events.append(BinaryReceived(self._message_bytes))
+            self._message_opcode = 0
             self._fragments = 0
-            self._fragment_open = False
+            self._message_bytes = 0
+        return stop
+
+    def _wait(self, data: bytes, position: int) -> int:
+        """Keep the incomplete frame at `position` for the next read."""
+        self._pending = data[position:]
+        return -1
+
+    def _control(self, opcode: int, payload: bytes, events: list[FramingEvent]) -> None:
+        if opcode == _PING:
+            # RFC 6455 5.5.3: answer with the same payload; after our close, send nothing.
+            if not self._closed_sent:
+                self._outgoing.append(self._control_frame(_PONG, payload))
+            events.append(PingReceived(payload))
+        elif opcode == _PONG:
+            events.append(PongReceived(payload))
         else:
-            self._message_bytes = total
-            self._fragment_open = not event.frame_finished
+            self._close(payload, events)
 
-    def _on_ping(self, event: Ping, events: list[FramingEvent]) -> None:
-        payload = bytes(event.payload)
-        # RFC 6455 5.5.3: answer with the same payload; after our close, send nothing.
-        if not self._closed_sent:
-            self._outgoing.append(self._connection.send(Pong(payload=payload)))
-        events.append(PingReceived(payload))
-
-    def _on_pong(self, event: Pong, events: list[FramingEvent]) -> None:
-        events.append(PongReceived(bytes(event.payload)))
-
-    def _on_close(self, event: CloseConnection, events: list[FramingEvent]) -> None:
-        connection_state = self._connection.state
-        if connection_state is ConnectionState.OPEN or (
-            connection_state is ConnectionState.LOCAL_CLOSING
-        ):
-            # wsproto reports its own parse failures as a CloseConnection without
-            # changing state; a real close frame moves it to REMOTE_CLOSING/CLOSED.
-            self._fail(events, int(event.code), event.reason or "invalid frame")
+    def _close(self, payload: bytes, events: list[FramingEvent]) -> None:
+        """The peer's close (RFC 6455 5.5.1, 7.4): checked, reported, echoed if it opens
+        the closing handshake."""
+        code: int | None = None
+        reason = ""
+        if len(payload) == 1:
+            self._fail(events, _PROTOCOL_ERROR, _ONE_BYTE_CLOSE)
             return
+        if payload:
+            code = (payload[0] << 8) | payload[1]
+            if code < 1000 or code > 4999:
+                self._fail(events, _PROTOCOL_ERROR, _CLOSE_CODE_OUT_OF_RANGE)
+                return
+            if code in _LOCAL_ONLY_CLOSE_CODES:
+                self._fail(events, _PROTOCOL_ERROR, _CLOSE_CODE_LOCAL_ONLY)
+                return
+            if code < 3000 and code not in _RECEIVABLE_CLOSE_CODES:
+                self._fail(events, _PROTOCOL_ERROR, _CLOSE_CODE_RESERVED)
+                return
+            try:
+                reason = payload[2:].decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self._fail(events, _INVALID_PAYLOAD, _CLOSE_REASON_NOT_UTF8 + str(exc))
+                return
         self._close_received = True
         self._done = True
         self._text_parts = []
-        code = int(event.code)
-        received_code = None if code == _NO_STATUS_RECEIVED else code
-        if connection_state is ConnectionState.REMOTE_CLOSING:
-            # RFC 6455 5.5.1: echo the close (with its code) if we had not sent one.
+        self._decoder = None
+        if not self._closed_sent:
+            # Echo the close with its code (an empty close for an empty one).
             self._closed_sent = True
-            # Pass wsproto's own code object: it writes an empty close only for its
-            # NO_STATUS_RCVD member, and would turn a plain 1005 into 1000.
-            # Read as an object: a compiled build would otherwise unbox it to a plain int.
-            code_object: Any = cast(Any, event).code
-            self._outgoing.append(self._connection.send(CloseConnection(code=code_object)))
-        events.append(CloseReceived(received_code, event.reason or ""))
+            echo = b"" if code is None else _CLOSE_CODE.pack(code)
+            self._outgoing.append(self._control_frame(_CLOSE, echo))
+        events.append(CloseReceived(code, reason))
 
     # -- failure -------------------------------------------------------------
 
-    def _fail(self, events: list[FramingEvent], close_code: int, reason: str) -> None:
-        """Queue our close with `close_code` (unless one was sent) and stop reading."""
+    def _fail(self, events: list[FramingEvent], close_code: int, reason: str) -> int:
+        """Queue our close with `close_code` (unless one was sent) and stop reading.
+        Returns -1, the parser's "stop"."""
         if not self._closed_sent:
             self._queue_close(close_code, reason)
         self._done = True
         self._text_parts = []
+        self._decoder = None
+        self._pending = b""
         events.append(FramingFailed(close_code, reason))
-
-    def _too_many_fragments(self) -> str:
-        return f"message has more than {self._max_fragments} fragments"
-
-    def _queue_close(self, code: int, reason: str) -> None:
-        try:
-            data = self._connection.send(CloseConnection(code=code, reason=reason))
-        except _WsprotoLocalProtocolError as exc:  # pragma: no cover - guarded by flags
-            raise LocalProtocolError(str(exc)) from exc
-        self._closed_sent = True
-        self._outgoing.append(data)
+        return -1
 
     def __repr__(self) -> str:
         return (
             f"<Framing state={self.state.value} closed_sent={self._closed_sent} "
             f"close_received={self._close_received}>"
         )
-
-
-def _too_big(max_bytes: int) -> str:
-    return f"message exceeds {max_bytes} bytes"

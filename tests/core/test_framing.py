@@ -157,14 +157,15 @@ def test_one_mib_plus_one_across_fragments_fails_1009() -> None:
     assert close_code_sent(server) == 1009
 
 
-def test_oversized_frame_fails_as_soon_as_the_limit_is_crossed() -> None:
-    # The header announces 4 MiB; the failure comes after 1 MiB + 1 bytes, without
-    # waiting for (or buffering) the rest.
+def test_oversized_frame_fails_as_soon_as_its_header_is_complete() -> None:
+    # The header announces 4 MiB: 1009 at once, without waiting for (or buffering) the
+    # payload, and whatever that payload would have held (docs/protocol-decisions.md).
     server = Framing(client=False)
     header = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 4 * MIB) + b"\x00\x00\x00\x00"
-    assert server.receive_data(header + b"a" * MIB) == []
-    events = server.receive_data(b"a")
+    assert server.receive_data(header[:-1]) == []
+    events = server.receive_data(header[-1:] + b"\xff")
     assert events == [FramingFailed(1009, f"message exceeds {MIB} bytes")]
+    assert close_code_sent(server) == 1009
     assert server.receive_data(b"a" * MIB) == []
 
 

@@ -1,11 +1,19 @@
-"""The Framing fast path (whole text frames parsed and written without wsproto) must be
-invisible: the same events and the same queued bytes as the wsproto path, for every
-input stream, on both sides of the connection (spec sections 2 and 4)."""
+"""Our framing parser against wsproto, the differential reference (spec sections 2 and 4).
+
+`svantic_proto.framing` parses and writes every frame itself. wsproto, used here through
+its public API only (`WsprotoFraming` below), must agree with it on every input stream
+and every split into reads, on both sides of the connection: the same events (with the
+same reasons), the same queued frames and the same states. The one deliberate
+difference, a data frame judged by its header, is documented in
+docs/protocol-decisions.md ("Framing") and in `Differential`.
+"""
 
 from __future__ import annotations
 
+import ast
 import struct
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,14 +21,25 @@ from hypothesis import strategies as st
 from websockets.frames import Frame as WebsocketsFrame
 from websockets.frames import Opcode as WebsocketsOpcode
 from websockets.protocol import Protocol, Side, State
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
+import svantic_proto
 from svantic_proto.errors import LocalProtocolError
 from svantic_proto.framing import (
     _INT_XOR_MAX_BYTES,
     DEFAULT_MAX_FRAGMENTS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    BinaryReceived,
+    CloseReceived,
     Framing,
+    FramingEvent,
     FramingFailed,
+    FramingState,
+    PingReceived,
+    PongReceived,
     TextReceived,
+    TransportClosed,
 )
 
 MIB = 1 << 20
@@ -89,44 +108,299 @@ def parse_frames(wire: bytes) -> list[tuple[bytes, bytes]]:
     return frames
 
 
-def assert_same_output(fast: Framing, reference: Framing, *, client: bool) -> None:
-    fast_out, reference_out = fast.data_to_send(), reference.data_to_send()
+def assert_same_output(
+    ours: Framing | WsprotoFraming, reference: WsprotoFraming, *, client: bool
+) -> None:
+    ours_out, reference_out = ours.data_to_send(), reference.data_to_send()
     if client:  # a client masks with fresh random keys: compare everything else
-        assert parse_frames(fast_out) == parse_frames(reference_out)
+        assert parse_frames(ours_out) == parse_frames(reference_out)
     else:
-        assert fast_out == reference_out
+        assert ours_out == reference_out
+
+
+# -- the reference: Framing's duties on top of wsproto's public API ----------------------
+
+
+class WsprotoFraming:
+    """What `Framing` did before it owned its parser, and what it must still do: wsproto
+    parses and serialises (through its public `Connection`, its events and its `state`
+    only), and this adds reassembly, the size and fragment caps (checked as bytes
+    arrive, since wsproto does not expose frame headers), pongs, the close echo and one
+    failure path."""
+
+    def __init__(
+        self,
+        client: bool,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_fragments: int = DEFAULT_MAX_FRAGMENTS,
+    ) -> None:
+        self._connection = Connection(
+            ConnectionType.CLIENT if client else ConnectionType.SERVER, extensions=[]
+        )
+        self._max_message_bytes = max_message_bytes
+        self._max_fragments = max_fragments
+        self._outgoing: list[bytes] = []
+        self._text_parts: list[str] = []
+        self._fragments = 0
+        self._fragment_open = False
+        self._message_bytes = 0
+        self.closed_sent = False
+        self.close_received = False
+        self._done = False
+
+    @property
+    def state(self) -> FramingState:
+        if self._done:
+            return FramingState.CLOSED
+        return FramingState.CLOSING if self.closed_sent else FramingState.OPEN
+
+    def send_text(self, text: str) -> None:
+        if self.closed_sent or self._done:
+            raise LocalProtocolError("cannot send a message after the WebSocket close")
+        try:
+            self._outgoing.append(self._connection.send(TextMessage(data=text)))
+        except UnicodeError as exc:
+            raise LocalProtocolError(f"text is not encodable as UTF-8: {exc}") from exc
+
+    def send_ping(self, payload: bytes = b"") -> None:
+        if self.closed_sent or self._done:
+            raise LocalProtocolError("cannot send a ping after the WebSocket close")
+        self._outgoing.append(self._connection.send(Ping(payload=payload)))
+
+    def send_close(self, code: int, reason: str = "") -> None:
+        if not (self.closed_sent or self._done):
+            self._queue_close(code, reason)
+
+    def _queue_close(self, code: int, reason: str) -> None:
+        self._outgoing.append(self._connection.send(CloseConnection(code=code, reason=reason)))
+        self.closed_sent = True
+
+    def data_to_send(self) -> bytes:
+        data = b"".join(self._outgoing)
+        self._outgoing.clear()
+        return data
+
+    def receive_data(self, data: bytes | None) -> list[FramingEvent]:
+        if self._done:
+            return []
+        if data is None:
+            self._done = True
+            return [TransportClosed()]
+        events: list[FramingEvent] = []
+        self._connection.receive_data(data)
+        for event in self._connection.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                self._on_data(event, events)
+            elif isinstance(event, Ping):
+                if not self.closed_sent:
+                    self._outgoing.append(self._connection.send(Pong(payload=event.payload)))
+                events.append(PingReceived(bytes(event.payload)))
+            elif isinstance(event, Pong):
+                events.append(PongReceived(bytes(event.payload)))
+            else:
+                assert isinstance(event, CloseConnection)
+                self._on_close(event, events)
+            if self._done:
+                break
+        return events
+
+    def _on_data(self, event: TextMessage | BytesMessage, events: list[FramingEvent]) -> None:
+        text = event.data if isinstance(event, TextMessage) else None
+        size = len(event.data) if text is None else len(text.encode())
+        if not self._fragment_open:
+            if self._fragments == self._max_fragments:
+                message = f"message has more than {self._max_fragments} fragments"
+                self._fail(events, 1009, message)
+                return
+            self._fragments += 1
+        total = self._message_bytes + size
+        if total > self._max_message_bytes:
+            self._fail(events, 1009, f"message exceeds {self._max_message_bytes} bytes")
+            return
+        if text:
+            self._text_parts.append(text)
+        if event.message_finished:
+            if text is None:
+                events.append(BinaryReceived(total))
+            else:
+                events.append(TextReceived("".join(self._text_parts)))
+            self._text_parts = []
+            self._message_bytes = self._fragments = 0
+            self._fragment_open = False
+        else:
+            self._message_bytes = total
+            self._fragment_open = not event.frame_finished
+
+    def _on_close(self, event: CloseConnection, events: list[FramingEvent]) -> None:
+        state = self._connection.state
+        if state in (ConnectionState.OPEN, ConnectionState.LOCAL_CLOSING):
+            # wsproto reports its parse failures as a CloseConnection without changing
+            # state; a real close frame moves it to REMOTE_CLOSING or CLOSED.
+            self._fail(events, int(event.code), event.reason or "")
+            return
+        self.close_received = True
+        self._done = True
+        if state is ConnectionState.REMOTE_CLOSING:
+            # Passing wsproto's own code object back: it writes an empty close for its
+            # NO_STATUS_RCVD member.
+            self.closed_sent = True
+            self._outgoing.append(self._connection.send(CloseConnection(code=event.code)))
+        code = int(event.code)
+        events.append(CloseReceived(None if code == 1005 else code, event.reason or ""))
+
+    def _fail(self, events: list[FramingEvent], code: int, reason: str) -> None:
+        if not self.closed_sent:
+            self._queue_close(code, reason)
+        self._done = True
+        events.append(FramingFailed(code, reason))
 
 
 def pair(
     client: bool, max_message_bytes: int = MIB, max_fragments: int = DEFAULT_MAX_FRAGMENTS
-) -> tuple[Framing, Framing]:
-    """A Framing with the fast path and one forced through wsproto alone."""
-    fast = Framing(client, max_message_bytes=max_message_bytes, max_fragments=max_fragments)
-    reference = Framing(
-        client, max_message_bytes=max_message_bytes, max_fragments=max_fragments, _fast_path=False
+) -> tuple[Framing, WsprotoFraming]:
+    """Our Framing and the wsproto reference, with the same limits."""
+    ours = Framing(client, max_message_bytes=max_message_bytes, max_fragments=max_fragments)
+    reference = WsprotoFraming(
+        client, max_message_bytes=max_message_bytes, max_fragments=max_fragments
     )
-    return fast, reference
+    return ours, reference
 
 
-def feed_both(client: bool, chunks: list[bytes], max_message_bytes: int = MIB) -> list[object]:
-    """Feed both Framings read by read, check each read gives the same events and
-    output, and return the events."""
-    fast, reference = pair(client, max_message_bytes)
-    events: list[object] = []
+# -- comparing the two, with the deliberate differences ------------------------------------
+
+# Deliberate difference (docs/protocol-decisions.md, "Framing"): a data frame is judged by
+# its header. A header that takes the message over `max_message_bytes` or `max_fragments`
+# fails 1009, and one that breaks the order of fragments (a continuation with no message,
+# a new message inside one) fails 1002, in the read that completes the header. wsproto's
+# path sees the order only with the frame's first payload byte and the size only once the
+# bytes past the cap are here: later, or never if the stream ends first; and for an
+# oversized text frame whose first bytes are not UTF-8, with 1007 instead of 1009.
+_JUDGED_BY_HEADER = frozenset(
+    (
+        "unexpected CONTINUATION",
+        "expected CONTINUATION, got <Opcode.TEXT: 1>",
+        "expected CONTINUATION, got <Opcode.BINARY: 2>",
+    )
+)
+
+
+def _earlier_failure_allowed(ours: FramingFailed, theirs: FramingEvent) -> bool:
+    """What wsproto's path may report later for the frame ours failed by its header."""
+    if not isinstance(theirs, FramingFailed):
+        return False
+    if ours.close_code == 1009:
+        return theirs == ours or theirs.close_code == 1007
+    return theirs == ours
+
+
+class Differential:
+    """Feeds our Framing and the reference the same reads and our same calls, and checks
+    that they agree read by read: the same events, the same queued frames (apart from
+    a client's random masking keys), the same states; or, from a deliberate difference
+    on, that ours failed early as documented and the reference fails alike or not at
+    all."""
+
+    def __init__(
+        self,
+        client: bool,
+        max_message_bytes: int = MIB,
+        max_fragments: int = DEFAULT_MAX_FRAGMENTS,
+    ) -> None:
+        self.client = client
+        self.ours, self.reference = pair(client, max_message_bytes, max_fragments)
+        self.events: list[FramingEvent] = []
+        self.early: FramingFailed | None = None  # our failure from a header, if any
+        self.reference_failure: FramingEvent | None = None
+        self._ours_frames: list[tuple[bytes, bytes]] = []
+        self._reference_frames: list[tuple[bytes, bytes]] = []
+        self._closed_before = False
+
+    def act(self, action: tuple[str, str]) -> None:
+        if self.early is not None:  # ours is closed; the reference need not be
+            return
+        assert _act(self.ours, action) == _act(self.reference, action)
+        assert_same_output(self.ours, self.reference, client=self.client)
+
+    def feed(self, chunk: bytes | None) -> None:
+        closed_before = self.ours.closed_sent
+        ours = self.ours.receive_data(chunk)
+        theirs = self.reference.receive_data(chunk)
+        if self.early is not None:
+            assert ours == []
+            self._collect()
+            if self.reference_failure is None and theirs:
+                [event] = theirs
+                assert _earlier_failure_allowed(self.early, event) or (
+                    chunk is None and event == TransportClosed()
+                ), (self.early, event)
+                self.reference_failure = event
+            else:
+                assert theirs == []
+            return
+        self.events += ours
+        if ours == theirs:
+            assert_same_output(self.ours, self.reference, client=self.client)
+            assert self.ours.state is self.reference.state
+            assert self.ours.closed_sent is self.reference.closed_sent
+            assert self.ours.close_received is self.reference.close_received
+            return
+        # The only way to differ: ours failed by a frame's header, the reference not yet.
+        *before, failed = ours
+        assert isinstance(failed, FramingFailed), (ours, theirs)
+        assert failed.close_code == 1009 or failed.reason in _JUDGED_BY_HEADER, failed
+        assert theirs[: len(before)] == before, (ours, theirs)
+        rest = theirs[len(before) :]
+        assert len(rest) <= 1, rest
+        if rest:
+            assert _earlier_failure_allowed(failed, rest[0]), (failed, rest[0])
+            self.reference_failure = rest[0]
+        self.early = failed
+        self._closed_before = closed_before
+        self._collect()
+
+    def _collect(self) -> None:
+        self._ours_frames += parse_frames(self.ours.data_to_send())
+        self._reference_frames += parse_frames(self.reference.data_to_send())
+
+    def finish(self) -> list[FramingEvent]:
+        """Check the output since a deliberate difference; return our events."""
+        if self.early is None:
+            return self.events
+        assert self.ours.state is FramingState.CLOSED
+        ours, theirs = self._ours_frames, self._reference_frames
+        if self._closed_before:  # no failure's close on either side
+            assert ours == theirs
+            return self.events
+        # Ours ends with its failure's close; the reference with the same frames before
+        # it, then its own failure's close if it failed.
+        assert ours[-1][0][0] == 0x88 and ours[-1][1][:2] == self.early.close_code.to_bytes(2)
+        assert theirs[: len(ours) - 1] == ours[:-1]
+        tail = theirs[len(ours) - 1 :]
+        if isinstance(self.reference_failure, FramingFailed):
+            assert len(tail) == 1 and tail[0][0][0] == 0x88
+            if self.reference_failure == self.early:
+                assert tail == ours[-1:]
+        else:
+            assert tail == []
+        return self.events
+
+
+def feed_both(
+    client: bool,
+    chunks: list[bytes],
+    max_message_bytes: int = MIB,
+    max_fragments: int = DEFAULT_MAX_FRAGMENTS,
+) -> list[FramingEvent]:
+    """Feed ours and the reference read by read, check they agree (see `Differential`),
+    and return our events."""
+    differential = Differential(client, max_message_bytes, max_fragments)
     for chunk in chunks:
-        step = fast.receive_data(chunk)
-        assert step == reference.receive_data(chunk)
-        assert_same_output(fast, reference, client=client)
-        events += step
-    assert fast.state is reference.state
-    assert (fast.closed_sent, fast.close_received) == (
-        reference.closed_sent,
-        reference.close_received,
-    )
-    return events
+        differential.feed(chunk)
+    return differential.finish()
 
 
-# -- hand-picked streams: each boundary the fast path must hand to wsproto --------------
+# -- hand-picked streams: each boundary between the hot path and the general parser -------
 
 
 def _split_inside_header_key_and_payload(m: bool) -> list[bytes]:
@@ -170,6 +444,7 @@ _EDGE_STREAMS: dict[str, Callable[[bool], list[bytes]]] = {
         raw_frame(TEXT, b"ok", masked=m) + raw_frame(TEXT, b"x", masked=m, rsv=RSV1)
     ],
     "RSV3": lambda m: [raw_frame(TEXT, b"x", masked=m, rsv=RSV3)],
+    "RSV2 on a 16-bit length": lambda m: [raw_frame(BINARY, b"x" * 300, masked=m, rsv=RSV2)],
     "invalid UTF-8 after a good frame": lambda m: [
         raw_frame(TEXT, b"ok", masked=m) + raw_frame(TEXT, b"ab\xc3\x28", masked=m)
     ],
@@ -196,11 +471,25 @@ _EDGE_STREAMS: dict[str, Callable[[bool], list[bytes]]] = {
     "wrong masking that parses either way": lambda m: [
         raw_frame(TEXT, b"\0\0\0\0wxyz", masked=not m, key=b"abcd") + b"abcd"
     ],
-    "a large input past the 64 KiB slices": lambda m: [
+    "a large input of small frames": lambda m: [
         raw_frame(TEXT, b"y" * 100, masked=m) * 700 + raw_frame(PING, b"p", masked=m)
     ],
-    "a large input handed to wsproto in slices": lambda m: [
+    "a large input starting with a control frame": lambda m: [
         raw_frame(PING, b"p", masked=m) + raw_frame(TEXT, b"y" * 100, masked=m) * 700
+    ],
+    "fragments split inside a character": lambda m: [
+        (raw_frame(TEXT, "a€".encode()[:2], masked=m, fin=False)
+         + raw_frame(CONTINUATION, "a€b".encode()[2:], masked=m))[:5],
+        (raw_frame(TEXT, "a€".encode()[:2], masked=m, fin=False)
+         + raw_frame(CONTINUATION, "a€b".encode()[2:], masked=m))[5:],
+    ],
+    "a continuation with no message, its header alone": lambda m: [
+        raw_frame(CONTINUATION, b"c", masked=m)[:-1],
+        raw_frame(CONTINUATION, b"c", masked=m)[-1:],
+    ],
+    "a close split inside its reason": lambda m: [
+        raw_frame(CLOSE, b"\x03\xe8" + "bye ✓".encode(), masked=m)[:9],
+        raw_frame(CLOSE, b"\x03\xe8" + "bye ✓".encode(), masked=m)[9:],
     ],
 }
 
@@ -211,6 +500,11 @@ def test_edge_streams_match_the_wsproto_path(name: str, client: bool) -> None:
     chunks = _EDGE_STREAMS[name](not client)
     feed_both(client, chunks, max_message_bytes=MIB)
     feed_both(client, chunks, max_message_bytes=100)
+    feed_both(client, chunks, max_fragments=1)
+    # And byte by byte: every split inside every header.
+    if sum(map(len, chunks)) < 2000:
+        wire = b"".join(chunks)
+        feed_both(client, [wire[i : i + 1] for i in range(len(wire))], max_message_bytes=100)
 
 
 def _binary_frame_raw(wire_payload: bytes, *, masked: bool, key: bytes = KEY) -> bytes:
@@ -225,7 +519,7 @@ def _binary_frame_raw(wire_payload: bytes, *, masked: bool, key: bytes = KEY) ->
 
 
 @pytest.mark.parametrize("client", [False, True], ids=["server", "client"])
-def test_bytes_inside_a_frame_wsproto_has_started_never_reach_the_fast_path(client: bool) -> None:
+def test_bytes_inside_a_frame_in_progress_never_reach_the_hot_path(client: bool) -> None:
     # Each case's second read starts with what looks like a whole text frame; it is
     # really the rest of a frame or message wsproto is in the middle of.
     masked = not client
@@ -258,61 +552,93 @@ def test_over_the_limit_fails_1009_like_the_wsproto_path() -> None:
     ]
 
 
-def test_an_oversized_frame_with_bad_utf8_fails_as_the_wsproto_path_does() -> None:
-    """Found by hypothesis: an empty text frame, then a 64 KiB frame over the limit whose
-    UTF-8 breaks near the end of the first 64 KiB slice. The fast path takes the empty
-    frame; the rest must still be cut where the wsproto path alone cuts it, or the two
-    see the bad UTF-8 (1007) and the size (1009) in a different order."""
+def test_an_oversized_frame_fails_1009_from_its_header_where_wsproto_sees_bad_utf8() -> None:
+    """Deliberate difference: the header says the frame is over the cap, so 1009 at once,
+    before any payload byte is looked at. wsproto's path reads the payload first and
+    fails 1007 on its bad UTF-8 (found by hypothesis, with an empty frame first)."""
     payload = bytearray(b"V" * 65538)
     payload[65514:65517] = b"\xed\x9b@"  # a 3-byte lead, then a byte that cannot follow it
     wire = raw_frame(TEXT, b"", masked=True) + raw_frame(TEXT, bytes(payload), masked=True)
-    events = feed_both(False, [wire], max_message_bytes=64)
-    assert events[0] == TextReceived("")
-    assert type(events[1]) is FramingFailed and len(events) == 2
+    expected = [TextReceived(""), FramingFailed(1009, "message exceeds 64 bytes")]
+    assert feed_both(False, [wire], max_message_bytes=64) == expected
+    reference = WsprotoFraming(False, max_message_bytes=64)
+    assert [type(e) for e in reference.receive_data(wire)] == [TextReceived, FramingFailed]
+    # Which check fails does not depend on the split: the header alone is enough.
+    ours = Framing(False, max_message_bytes=64)
+    assert ours.receive_data(wire[:20]) == expected  # 6 + 14 header bytes
+    reference = WsprotoFraming(False, max_message_bytes=64)
+    assert reference.receive_data(wire[:20]) == [TextReceived("")]
 
 
-# -- the fast path is really taken, and handed over as documented -------------------------
+@pytest.mark.parametrize("client", [False, True], ids=["server", "client"])
+def test_limits_and_fragment_order_fail_when_the_header_is_complete(client: bool) -> None:
+    masked = not client
+    over = raw_frame(TEXT, b"x" * 200, masked=masked)
+    header = over[: 8 if masked else 4]
+    ours = Framing(client, max_message_bytes=100)
+    assert ours.receive_data(header[:-1]) == []
+    assert ours.receive_data(header[-1:]) == [FramingFailed(1009, "message exceeds 100 bytes")]
+    # The 1025th frame's header: 1009, before its payload.
+    ours = Framing(client, max_fragments=2)
+    two = raw_frame(TEXT, b"a", masked=masked, fin=False) + raw_frame(
+        CONTINUATION, b"b", masked=masked, fin=False
+    )
+    third = raw_frame(CONTINUATION, b"c", masked=masked)
+    assert ours.receive_data(two + third[:-1]) == [
+        FramingFailed(1009, "message has more than 2 fragments")
+    ]
+    # A new message inside one: 1002 from the header (wsproto: with its first payload byte).
+    inside = raw_frame(TEXT, b"a", masked=masked, fin=False) + raw_frame(TEXT, b"b", masked=masked)
+    ours, reference = pair(client)
+    failure = FramingFailed(1002, "expected CONTINUATION, got <Opcode.TEXT: 1>")
+    assert ours.receive_data(inside[:-1]) == [failure]
+    assert reference.receive_data(inside[:-1]) == []
+    assert reference.receive_data(inside[-1:]) == [failure]
 
 
-def spy_on_wsproto(framing: Framing) -> list[bytes]:
-    """Record the bytes `framing` hands to wsproto."""
-    connection = framing._connection
-    original: Callable[[bytes | None], None] = connection.receive_data
-    seen: list[bytes] = []
-
-    def receive_data(data: bytes | None) -> None:
-        seen.append(bytes(data or b""))
-        original(data)
-
-    connection.receive_data = receive_data  # type: ignore[method-assign]
-    return seen
-
-
-def test_whole_text_frames_bypass_wsproto_until_another_frame_arrives() -> None:
+def test_a_frame_over_the_cap_is_never_buffered() -> None:
     server = Framing(client=False)
-    seen = spy_on_wsproto(server)
-    texts = b"".join(raw_frame(TEXT, f"m{i}".encode(), masked=True) for i in range(3))
-    assert server.receive_data(texts) == [TextReceived(f"m{i}") for i in range(3)]
-    assert seen == []
-    rest = raw_frame(PING, b"p", masked=True) + raw_frame(TEXT, b"after", masked=True)
-    assert len(server.receive_data(raw_frame(TEXT, b"x", masked=True) + rest)) == 3
-    assert seen == [rest]  # from the ping on, everything went to wsproto
-    # A partial frame leaves bytes in wsproto: the next read goes there too.
-    partial = raw_frame(TEXT, b"split", masked=True)
-    server.receive_data(partial[:4])
-    server.receive_data(partial[4:])
-    assert seen[-2:] == [partial[:4], partial[4:]]
-    # Once wsproto is idle again, the fast path resumes.
-    server.receive_data(raw_frame(TEXT, b"fast again", masked=True))
-    assert len(seen) == 3
+    header = bytes([0x81, 0x80 | 127]) + struct.pack("!Q", 1 << 40) + b"\x00\x00\x00\x00"
+    assert server.receive_data(header) == [FramingFailed(1009, f"message exceeds {MIB} bytes")]
+    assert server.receive_data(b"a" * MIB) == []
 
 
-def test_the_private_flag_sends_everything_through_wsproto() -> None:
-    server = Framing(client=False, _fast_path=False)
-    seen = spy_on_wsproto(server)
-    wire = raw_frame(TEXT, b"hi", masked=True)
-    assert server.receive_data(wire) == [TextReceived("hi")]
-    assert seen == [wire]
+# -- the module owns its parser --------------------------------------------------------------
+
+
+def test_framing_imports_no_websocket_library_and_reads_no_private_state() -> None:
+    # The source beside the module (a compiled build keeps it: SVANTIC_PURE_PYTHON=1).
+    tree = ast.parse((Path(svantic_proto.__file__ or "").parent / "framing.py").read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        (node.module or "").split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 0
+    }
+    assert not imported & {"wsproto", "websockets", "h11", "aiohttp"}, imported
+    # Private attributes are read on `self` only, never on another object.
+    foreign = [
+        ast.unparse(node)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and node.attr.startswith("_")
+        and not node.attr.startswith("__")
+        and not (isinstance(node.value, ast.Name) and node.value.id == "self")
+    ]
+    assert foreign == []
+
+
+def test_an_incomplete_header_waits_and_a_payload_streams() -> None:
+    server = Framing(client=False)
+    wire = raw_frame(TEXT, "é".encode() * 200, masked=True)
+    assert server.receive_data(wire[:5]) == []  # header incomplete: kept
+    assert server.receive_data(wire[5:50]) == []  # payload streams: decoded as it comes
+    assert server.receive_data(wire[50:]) == [TextReceived("é" * 200)]
+    assert server.receive_data(raw_frame(TEXT, b"next", masked=True)) == [TextReceived("next")]
 
 
 # -- differential property test -------------------------------------------------------
@@ -396,6 +722,16 @@ def frames(draw: st.DrawFn, masked: bool) -> bytes:
                     b"\x03\xf1reason",
                     b"\x0f\xa0app",
                     b"\x03\xe8\xff",
+                    b"\x03\xe7",  # 999
+                    b"\x03\xec",  # 1004, reserved
+                    b"\x03\xee",  # 1006, local only
+                    b"\x03\xf6",  # 1014, unregistered
+                    b"\x03\xf7",  # 1015, local only
+                    b"\x0b\xb7",  # 2999
+                    b"\x0b\xb8",  # 3000
+                    b"\x13\x87",  # 4999
+                    b"\x13\x88",  # 5000
+                    b"\x03\xe8" + "✓".encode()[:2],  # a reason cut inside a character
                 ]
             )
         )
@@ -404,7 +740,8 @@ def frames(draw: st.DrawFn, masked: bool) -> bytes:
         return raw_frame(TEXT, draw(utf8_payloads()), masked=not masked, key=key)
     if kind == "rsv":
         opcode = draw(st.sampled_from([TEXT, BINARY, PING]))
-        return one(opcode, b"rsv", rsv=draw(st.sampled_from([RSV1, RSV2, RSV3, RSV1 | RSV3])))
+        payload = b"rsv" * draw(st.sampled_from([1, 50, 22000]))  # each length form
+        return one(opcode, payload, rsv=draw(st.sampled_from([RSV1, RSV2, RSV3, RSV1 | RSV3])))
     if kind == "non-minimal":
         form = draw(st.sampled_from(["16", "64", "64msb"]))
         size = draw(st.integers(0, 125 if form == "16" else 300))
@@ -447,7 +784,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     return client, max_message_bytes, max_fragments, chunks, actions, draw(st.booleans())
 
 
-def _act(framing: Framing, action: tuple[str, str]) -> str | None:
+def _act(framing: Framing | WsprotoFraming, action: tuple[str, str]) -> str | None:
     kind, text = action
     try:
         if kind == "text":
@@ -467,23 +804,18 @@ def _act(framing: Framing, action: tuple[str, str]) -> str | None:
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 @given(scenario=scenarios())
-def test_fast_path_matches_wsproto_path_on_any_stream(
+def test_our_parser_matches_wsproto_on_any_stream(
     scenario: Scenario,
 ) -> None:
     client, max_message_bytes, max_fragments, chunks, actions, eof = scenario
-    fast, reference = pair(client, max_message_bytes=max_message_bytes, max_fragments=max_fragments)
+    differential = Differential(client, max_message_bytes, max_fragments)
     for index, chunk in enumerate([*chunks, None] if eof else chunks):
         if index in actions:
-            assert _act(fast, actions[index]) == _act(reference, actions[index])
-            assert_same_output(fast, reference, client=client)
-        assert fast.receive_data(chunk) == reference.receive_data(chunk)
-        assert_same_output(fast, reference, client=client)
-        assert fast.state is reference.state
-        assert fast.closed_sent is reference.closed_sent
-        assert fast.close_received is reference.close_received
+            differential.act(actions[index])
+        differential.feed(chunk)
     if len(chunks) in actions and not eof:
-        assert _act(fast, actions[len(chunks)]) == _act(reference, actions[len(chunks)])
-        assert_same_output(fast, reference, client=client)
+        differential.act(actions[len(chunks)])
+    differential.finish()
 
 
 # -- the send path --------------------------------------------------------------------
@@ -506,12 +838,12 @@ _SEND_TEXTS = [
 @pytest.mark.parametrize("sender_is_client", [True, False], ids=["client", "server"])
 def test_sent_text_round_trips_through_the_wsproto_path(text: str, sender_is_client: bool) -> None:
     sender = Framing(client=sender_is_client)
-    receiver = Framing(client=not sender_is_client, _fast_path=False)
+    receiver = WsprotoFraming(client=not sender_is_client)
     sender.send_text(text)
     sender.send_text(text)
     assert receiver.receive_data(sender.data_to_send()) == [TextReceived(text)] * 2
-    # And the other way: wsproto's bytes into the fast path.
-    reference_sender = Framing(client=not sender_is_client, _fast_path=False)
+    # And the other way: wsproto's bytes into ours.
+    reference_sender = WsprotoFraming(client=not sender_is_client)
     fast_receiver = Framing(client=sender_is_client)
     reference_sender.send_text(text)
     assert fast_receiver.receive_data(reference_sender.data_to_send()) == [TextReceived(text)]
@@ -529,19 +861,19 @@ def test_a_one_mib_message_round_trips_both_ways() -> None:
 @settings(max_examples=100, deadline=None)
 @given(texts=st.lists(_texts, min_size=1, max_size=5), client=st.booleans())
 def test_sent_bytes_match_wsproto_apart_from_the_mask_key(texts: list[str], client: bool) -> None:
-    fast, reference = pair(client)
+    ours, reference = pair(client)
     for text in texts:
-        fast.send_text(text)
+        ours.send_text(text)
         reference.send_text(text)
-    assert_same_output(fast, reference, client=client)
+    assert_same_output(ours, reference, client=client)
 
 
 def test_server_frames_are_byte_identical_to_wsproto() -> None:
-    fast, reference = pair(False)
+    ours, reference = pair(False)
     for text in _SEND_TEXTS:
-        fast.send_text(text)
+        ours.send_text(text)
         reference.send_text(text)
-        assert fast.data_to_send() == reference.data_to_send()
+        assert ours.data_to_send() == reference.data_to_send()
 
 
 def test_client_mask_keys_are_fresh_for_every_frame() -> None:
@@ -557,8 +889,7 @@ def test_client_mask_keys_are_fresh_for_every_frame() -> None:
 
 
 def test_unencodable_text_is_refused_and_the_framing_stays_usable() -> None:
-    for fast_path in (True, False):
-        client = Framing(client=True, _fast_path=fast_path)
+    for client in (Framing(client=True), WsprotoFraming(client=True)):
         with pytest.raises(LocalProtocolError, match="not encodable as UTF-8"):
             client.send_text("lone \ud800")
         assert client.data_to_send() == b""
