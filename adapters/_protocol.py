@@ -200,13 +200,18 @@ class ProtocolLink(asyncio.Protocol):
             self.abort()  # the peer stopped reading: do not grow memory without limit
 
     def _close(self) -> None:
-        """The core closed: TLS close_notify, then close TCP once the peer's came or after
-        `close_timeout` (spec 4: a dead peer is dropped, not awaited)."""
+        """The core closed: TLS close_notify (without TLS, our FIN), then close TCP once the
+        peer's came or after `close_timeout` (spec 4: a dead peer is dropped, not awaited).
+        Meanwhile what the peer still sends is read and dropped: closing with unread bytes
+        sends a TCP reset, which can destroy our close frame on its way."""
         self._cancel_timer()
         transport, tls = cast(asyncio.Transport, self.transport), self._tls
         if tls is not None and not transport.is_closing():
             self._tls_step(tls.close)
-        if tls is None or tls.closed:
+        if tls is None and transport.can_write_eof() and not transport.is_closing():
+            transport.write_eof()
+            self._timer = self.loop.call_later(self._config.close_timeout, self.abort)
+        elif tls is None or tls.closed:
             transport.close()
         elif not transport.is_closing():
             self._timer = self.loop.call_later(self._config.close_timeout, self.abort)

@@ -160,8 +160,8 @@ class _Link:
     queue is bounded.
     """
 
-    __slots__ = ("_close_timeout", "_closing", "_hub", "_pending", "_plaintext", "_tls",
-                 "_writer", "done", "pump", "queued", "sock")
+    __slots__ = ("_close_timeout", "_closer", "_closing", "_hub", "_pending", "_plaintext",
+                 "_tls", "_writer", "done", "pump", "queued", "sock")
 
     def __init__(self, sock: Any, tls: TlsSession | None, plaintext: bytes,
                  close_timeout: float) -> None:
@@ -178,12 +178,12 @@ class _Link:
 
         Past `FAIR_SHARE` bytes read since its last turn, the reader lets the loop poll
         every other connection first."""
-        tls, data, self._plaintext, taken = self._tls, self._plaintext, b"", 0
+        tls, data, self._plaintext, taken, eof = self._tls, self._plaintext, b"", 0, False
         try:
             while not self.pump.closed:
                 if data:
                     self.pump.feed(data, _now())
-                if tls is not None and tls.peer_closed:  # close_notify: EOF, ours back
+                if eof := (tls is not None and tls.peer_closed):  # close_notify: ours back
                     break
                 if taken >= FAIR_SHARE:
                     taken = 0
@@ -192,7 +192,7 @@ class _Link:
                     data = self.sock.recv(READ_SIZE)
                 except Exception:  # a reset, or a socket closed under us: EOF
                     data = b""
-                if not data:
+                if eof := not data:
                     break
                 taken += len(data)
                 if tls is not None:
@@ -208,8 +208,18 @@ class _Link:
             self.close()
             if self._writer is not None:  # the rest of what is queued, for a while
                 self._writer.join(timeout=self._close_timeout)
+            if not eof:
+                self._linger()
             _close(self.sock)  # and a writer still blocked on it fails
             self.done.set()
+
+    def _linger(self) -> None:
+        """We closed first: read and drop what the peer still sends, until its EOF or for
+        `close_timeout`. Closing a socket with unread bytes sends a TCP reset, which can
+        destroy our close frame (say 1009 for a frame refused from its header) on its way."""
+        with contextlib.suppress(OSError), gevent.Timeout(self._close_timeout, False):
+            while self.sock.recv(READ_SIZE):  # drain, drop
+                pass
 
     def wait_flushed(self, timeout: float) -> None:
         """Until what is queued has gone out (or `timeout`): backpressure for a sender."""
@@ -255,7 +265,15 @@ class _Link:
             tls.close()
             self._send(tls.data_to_send())
         if self._writer is None:
-            _close(self.sock)
+            self._half_close()
+
+    def _half_close(self) -> None:
+        """All is out: our FIN, while the reader drains the peer's rest (`_linger`); the
+        socket goes `close_timeout` from now at the latest."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        self._closer = self._hub.loop.timer(self._close_timeout)
+        self._closer.start(_close, self.sock)
 
     def _write_loop(self) -> None:
         try:
@@ -269,7 +287,7 @@ class _Link:
         finally:
             self._writer = None
             if self._closing:
-                _close(self.sock)
+                self._half_close()
 
     @_owned
     def abort(self) -> None:

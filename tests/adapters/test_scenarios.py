@@ -435,8 +435,10 @@ def _raw_session(scenario: Scenario, mesh: MeshSide) -> Iterator[Any]:
 
 
 def _close_code_after(ws: Any, message: str | bytes) -> int | None:
-    ws.send(message)
+    """The close code the mesh answers `message` with. The send itself may already fail:
+    a frame whose header is over a limit is refused before its payload is read."""
     with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+        ws.send(message)
         while True:
             ws.recv(timeout=5)
     return closed.value.rcvd.code if closed.value.rcvd is not None else None
