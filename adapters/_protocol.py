@@ -15,12 +15,13 @@ from typing import Any, TypeVar, cast
 
 from svantic_proto import Config
 from svantic_proto.agent_runtime import Dial
+from svantic_proto.frames import SessionContext
 
 from ._pump import DETACHED
 from ._tls import TlsError, TlsSession
 
-__all__ = ["WRITE_BUFFER_LIMIT", "Dialling", "LoopTimer", "ProtocolLink", "dial", "dispatch",
-           "listen"]
+__all__ = ["WRITE_BUFFER_LIMIT", "AsyncioMeshApi", "Dialling", "LoopTimer", "ProtocolLink", "dial",
+           "dispatch", "listen"]
 
 WRITE_BUFFER_LIMIT = 4 * 1024 * 1024
 """Bytes queued for a peer that does not read before we give up on it (slow reader)."""
@@ -247,6 +248,35 @@ class LoopTimer:
             self._timer = None
         if deadline is not None:
             self._timer = asyncio.get_running_loop().call_at(deadline, self._fire)
+
+
+class AsyncioMeshApi:
+    """What the asyncio mesh and the ASGI mesh offer alike: wait for an agent, dispatch."""
+
+    agents: Mapping[str, Any]
+    _arrived: asyncio.Event  # made by the driver's `_setup`
+
+    def _agent_arrived(self) -> None:
+        arrived, self._arrived = self._arrived, asyncio.Event()
+        arrived.set()
+
+    async def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> Any:
+        """The handle of `instance_id` once its session started; TimeoutError otherwise."""
+        async with asyncio.timeout(timeout):
+            while (agent := self.agents.get(instance_id)) is None:
+                await self._arrived.wait()
+        return agent
+
+    async def dispatch(self, instance_id: str, capability: str,
+                       arguments: Mapping[str, Any] | None = None, *,
+                       deadline_ms: int = 30_000,
+                       on_chunk: Callable[[Any], object] | None = None,
+                       task_id: str | None = None,
+                       session_context: SessionContext | None = None) -> Any:
+        """Send a dispatch and return its result; raise `DispatchError` on failure."""
+        return await dispatch(self, instance_id, capability, arguments, deadline_ms=deadline_ms,
+                              on_chunk=on_chunk, task_id=task_id,
+                              session_context=session_context)
 
 
 class Dialling:

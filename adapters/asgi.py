@@ -32,14 +32,13 @@ from svantic_proto import Config, ResumeStore
 from svantic_proto.capabilities import DispatchContext
 from svantic_proto.errors import DispatchError, HandlerError
 from svantic_proto.events import Event
-from svantic_proto.frames import SessionContext
 from svantic_proto.handshake import CONNECT_PATH
 from svantic_proto.mesh import MintDispatchAuth
 from svantic_proto.mesh_runtime import SHUTTING_DOWN, AdmissionNeeded, MeshPhase
 from svantic_proto.messages import Close, MeshMessages, UpgradeAccepted, UpgradeRefused
 
 from ._mesh import AsyncAgentHandle, MeshDriver
-from ._protocol import WRITE_BUFFER_LIMIT, LoopTimer, dispatch
+from ._protocol import WRITE_BUFFER_LIMIT, AsyncioMeshApi, LoopTimer
 from ._pump import DETACHED
 
 __all__ = [
@@ -248,8 +247,8 @@ class AsgiLink:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-        except OSError:  # the server's "client disconnected" (ASGI 2.4: an IOError)
-            pass
+        except OSError as exc:  # the server's "client disconnected" (ASGI 2.4: an IOError)
+            log.debug("send to a disconnected client: %r", exc)
         finally:
             self._finish()
 
@@ -316,7 +315,7 @@ class AgentLink(AsyncAgentHandle[AsgiLink]):
     __slots__ = ()
 
 
-class AsgiMesh(LoopTimer, MeshDriver[AsgiLink]):
+class AsgiMesh(LoopTimer, AsyncioMeshApi, MeshDriver[AsgiLink]):
     """A mesh endpoint as an ASGI 3 application: `await app(scope, receive, send)`.
 
     `verify_token(token)` returns claims with `tenant_id` (an object or a mapping) or
@@ -377,10 +376,6 @@ class AsgiMesh(LoopTimer, MeshDriver[AsgiLink]):
         task = asyncio.get_running_loop().create_task(self._admission(action, claims, record))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    def _agent_arrived(self) -> None:
-        arrived, self._arrived = self._arrived, asyncio.Event()
-        arrived.set()
 
     def _shutdown_complete(self) -> None:
         if self._shut is not None:
@@ -499,30 +494,12 @@ class AsgiMesh(LoopTimer, MeshDriver[AsgiLink]):
                             messages.receive_eof(now)
                         pump.service()
                     return
-        except OSError:
-            pass
+        except OSError as exc:  # the server's "client disconnected" (ASGI 2.4: an IOError)
+            log.debug("receive from a disconnected client: %r", exc)
         finally:
             link.gone()
 
     # -- the application's API -----------------------------------------------------------------
-
-    async def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> AgentLink:
-        """The handle of `instance_id` once its session started; TimeoutError otherwise."""
-        async with asyncio.timeout(timeout):
-            while (agent := self.agents.get(instance_id)) is None:
-                await self._arrived.wait()
-        return cast(AgentLink, agent)
-
-    async def dispatch(self, instance_id: str, capability: str,
-                       arguments: Mapping[str, Any] | None = None, *,
-                       deadline_ms: int = 30_000,
-                       on_chunk: Callable[[Any], object] | None = None,
-                       task_id: str | None = None,
-                       session_context: SessionContext | None = None) -> Any:
-        """Send a dispatch and return its result; raise `DispatchError` on failure."""
-        return await dispatch(self, instance_id, capability, arguments, deadline_ms=deadline_ms,
-                              on_chunk=on_chunk, task_id=task_id,
-                              session_context=session_context)
 
     async def close(self, grace: float | None = None) -> None:
         """Graceful shutdown: close_request to every agent, wait the grace, 1001 for the

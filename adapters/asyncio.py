@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from svantic_proto import (
     LocalProtocolError,
@@ -19,13 +19,12 @@ from svantic_proto import (
 from svantic_proto.agent_runtime import Dial, StartHandler
 from svantic_proto.capabilities import DispatchContext
 from svantic_proto.errors import DispatchError, HandlerError
-from svantic_proto.frames import SessionContext
 from svantic_proto.mesh_runtime import AdmissionNeeded
 
 from . import _protocol, _tasks
 from ._agent import AgentDriver
 from ._mesh import AsyncAgentHandle, MeshDriver
-from ._protocol import WRITE_BUFFER_LIMIT, LoopTimer, ProtocolLink, dispatch, listen
+from ._protocol import WRITE_BUFFER_LIMIT, AsyncioMeshApi, LoopTimer, ProtocolLink, listen
 
 __all__ = [
     "WRITE_BUFFER_LIMIT",
@@ -150,7 +149,7 @@ class AgentLink(AsyncAgentHandle[ProtocolLink]):
     __slots__ = ()
 
 
-class MeshServer(LoopTimer, MeshDriver[ProtocolLink]):
+class MeshServer(LoopTimer, AsyncioMeshApi, MeshDriver[ProtocolLink]):
     """A mesh endpoint serving `GET /agents/connect` over TLS (spec 1-5).
 
     `verify_token(token)` returns claims with `tenant_id` (an object or a mapping) or
@@ -173,10 +172,6 @@ class MeshServer(LoopTimer, MeshDriver[ProtocolLink]):
     def _admit_async(self, action: AdmissionNeeded[Any], claims: Any, record: Any) -> None:
         asyncio.get_running_loop().create_task(self._admission(action, claims, record))
 
-    def _agent_arrived(self) -> None:
-        arrived, self._arrived = self._arrived, asyncio.Event()
-        arrived.set()
-
     def _shutdown_complete(self) -> None:
         if self._shut is not None:
             self._shut.set()
@@ -192,24 +187,6 @@ class MeshServer(LoopTimer, MeshDriver[ProtocolLink]):
         self._clock = asyncio.get_running_loop().time
         self._server, address = await listen(self, ProtocolLink, host, port)
         return address
-
-    async def wait_for_agent(self, instance_id: str, timeout: float = 10.0) -> AgentLink:
-        """The handle of `instance_id` once its session started; TimeoutError otherwise."""
-        async with asyncio.timeout(timeout):
-            while (agent := self.agents.get(instance_id)) is None:
-                await self._arrived.wait()
-        return cast(AgentLink, agent)
-
-    async def dispatch(self, instance_id: str, capability: str,
-                       arguments: Mapping[str, Any] | None = None, *,
-                       deadline_ms: int = 30_000,
-                       on_chunk: Callable[[Any], object] | None = None,
-                       task_id: str | None = None,
-                       session_context: SessionContext | None = None) -> Any:
-        """Send a dispatch and return its result; raise `DispatchError` on failure."""
-        return await dispatch(self, instance_id, capability, arguments, deadline_ms=deadline_ms,
-                              on_chunk=on_chunk, task_id=task_id,
-                              session_context=session_context)
 
     async def close(self, grace: float | None = None) -> None:
         """Graceful shutdown: close_request to every agent, wait the grace, 1001 for the rest."""
