@@ -80,7 +80,6 @@ class StreamLink:
         self.queued, self._closing = 0, False
         self._send_scope = backend.create_cancel_scope()
         self._read_scope = backend.create_cancel_scope()  # bounded once we close
-        self._flushed = self.new_event()
 
     def write(self, chunks: list[bytes]) -> None:
         if not self._closing:  # after the core's close (or an abort) nothing more goes out
@@ -133,41 +132,30 @@ class StreamLink:
         except Exception as exc:  # the transport broke: the reader sees the end as well
             log.debug("write failed, closing the stream: %r", exc)
             self.abort()
-        finally:
+        finally:  # all is out: our FIN, while the reader drains the peer's rest (`run`)
             self._closing = True
             self._progress.set()
-            self._flushed.set()
-
-    async def _linger(self) -> None:
-        """We closed first: once what is queued went out, read and drop what the peer still
-        sends, until its EOF or `close_timeout` after our close (the read scope's deadline).
-        Closing a socket with unread bytes sends a TCP reset, which can destroy our close
-        frame (say 1009 for a frame refused from its header) on its way."""
-        await self._flushed.wait()
-        with contextlib.suppress(OSError, LookupError):
-            self.stream.extra(SocketAttribute.raw_socket).shutdown(socket.SHUT_WR)
-        with contextlib.suppress(Exception):
-            while await self.stream.receive(READ_SIZE):
-                pass
+            with contextlib.suppress(OSError, LookupError):  # LookupError: no socket
+                self.stream.extra(SocketAttribute.raw_socket).shutdown(socket.SHUT_WR)
 
     async def run(self) -> None:
         try:
             async with anyio.create_task_group() as group:
                 group.start_soon(self._write_loop)
-                with self._read_scope:  # its deadline: `close_timeout` after our close
-                    eof = False
-                    while not self.pump.closed:
+                # After our close the reader goes on, dropping what the peer still sends,
+                # until its end or `close_timeout` (the read scope's deadline): closing a
+                # socket with unread bytes sends a reset, which can destroy our close frame.
+                with self._read_scope:
+                    while True:
                         try:
                             data = await self.stream.receive(READ_SIZE)
                         except Exception:  # EOF, reset, TLS failure, aborted: the end
-                            eof = True
                             break
-                        self._drive(self.pump.feed, data, self.now())
-                    if not self.pump.closed:
-                        self._drive(self.pump.eof, self.now())
-                    self.close()
-                    if not eof:
-                        await self._linger()
+                        if not self.pump.closed:
+                            self._drive(self.pump.feed, data, self.now())
+                if not self.pump.closed:
+                    self._drive(self.pump.eof, self.now())
+                self.close()
         finally:
             await anyio.aclose_forcefully(self.stream)
             self.done.set()
