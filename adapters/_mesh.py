@@ -13,17 +13,19 @@ import inspect
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 from svantic_proto import Config, InstanceRecord, ResumeStore
 from svantic_proto.events import Event
+from svantic_proto.http import HttpRequest, HttpServerConnection
 from svantic_proto.mesh import MintDispatchAuth
 from svantic_proto.mesh_runtime import (
     AdmissionNeeded,
     AgentArrived,
     DropLink,
     MeshRuntime,
+    ServeHttp,
     ServiceLink,
     ShutdownComplete,
     Waiter,
@@ -31,7 +33,7 @@ from svantic_proto.mesh_runtime import (
 
 from ._pump import Pump
 
-__all__ = ["AgentHandle", "AsyncAgentHandle", "MeshDriver"]
+__all__ = ["AgentHandle", "AsyncAgentHandle", "HttpResponder", "MeshDriver"]
 
 log = logging.getLogger("svantic.mesh")
 LinkT = TypeVar("LinkT")
@@ -74,12 +76,59 @@ class AsyncAgentHandle(AgentHandle[LinkT]):
             on_chunk=on_chunk, task_id=task_id, session_context=session_context)
 
 
+class HttpResponder:
+    """How an `http_app` answers one plain HTTP request on the mesh's port: `respond()`
+    once, or `start()`, any `send()`s and `end()` for a streamed answer (Server-Sent
+    Events). Each call writes at once. After the client went away (`closed`) the calls do
+    nothing, so an application never fails for writing to a gone peer."""
+
+    __slots__ = ("_conn", "_driver", "_link", "started")
+
+    def __init__(self, driver: MeshDriver[Any], link: Any, conn: HttpServerConnection) -> None:
+        self._driver, self._link, self._conn = driver, link, conn
+        self.started = False
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed
+
+    def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
+        self.started = True
+        self._conn.respond(status, headers, body, now=self._driver._now())
+        self._flush()
+
+    def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
+        self.started = True
+        self._conn.start_stream(status, headers)
+        self._flush()
+
+    def send(self, data: bytes) -> None:
+        self._conn.send_data(data)
+        self._flush()
+
+    def end(self) -> None:
+        self._conn.end_stream(self._driver._now())
+        self._flush()
+
+    def _flush(self) -> None:
+        self._link.pump.service()
+        self._driver._service()
+
+
+_INTERNAL = (("content-type", "application/json"),)
+_INTERNAL_BODY = b'{"error":{"code":"INTERNAL","message":"internal error"}}'
+
+
 class MeshDriver(Generic[LinkT]):
     """A mesh endpoint serving `GET /agents/connect` (spec 1-5): runtime actions to hooks.
 
     `verify_token(token)` returns claims with `tenant_id` (an object, or the mapping PyJWT
     returns) or raises; `lookup_instance(id)` returns an `InstanceRecord` or None. On the
     async drivers either may be a coroutine function.
+
+    `http_app(request, responder)` (a coroutine function on the async drivers, a plain
+    function run in a greenlet of its own on gevent) answers every other request on the
+    same port (the control plane); without it those get the spec 1 refusals (426, 404).
     """
 
     def __init__(self, *, ssl_context: ssl.SSLContext | None,
@@ -87,13 +136,17 @@ class MeshDriver(Generic[LinkT]):
                  lookup_instance: Callable[[str], Any],
                  dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
                  resume_store: ResumeStore | None = None, max_connections: int = 10_000,
-                 max_handshakes: int = 1024, backlog: int = 4096) -> None:
+                 max_handshakes: int = 1024, backlog: int = 4096,
+                 http_app: Callable[[HttpRequest, HttpResponder], Any] | None = None,
+                 max_http_connections: int = 1024) -> None:
         self._ssl = ssl_context
         self._verify, self._lookup = verify_token, lookup_instance
+        self._http_app = http_app
         self.runtime: MeshRuntime[Any] = MeshRuntime(
             dispatch_auth=dispatch_auth, wall_clock=time.time, config=config,
             resume_store=resume_store, verify_token=self._verify_refresh,
-            max_connections=max_connections, max_handshakes=max_handshakes)
+            max_connections=max_connections, max_handshakes=max_handshakes,
+            serve_http=http_app is not None, max_http_connections=max_http_connections)
         self.backlog = backlog
         self.links: set[LinkT] = set()
         """Every transport the runtime knows of (handshakes and sessions)."""
@@ -144,6 +197,11 @@ class MeshDriver(Generic[LinkT]):
         raise NotImplementedError
 
     def _agent_arrived(self) -> None:
+        raise NotImplementedError
+
+    def _run_http(self, request: HttpRequest, responder: HttpResponder) -> None:
+        """Run `http_app` for one request in the driver's concurrency: `_http_async` on the
+        async drivers, `_http_sync` on gevent."""
         raise NotImplementedError
 
     def _shutdown_complete(self) -> None:
@@ -235,6 +293,8 @@ class MeshDriver(Generic[LinkT]):
                 self._agent_arrived()
             elif kind is ShutdownComplete:
                 self._shutdown_complete()
+            elif kind is ServeHttp:
+                self._serve_http(action.link, action.conn)
 
     def _rearm(self) -> None:
         deadline = self.runtime.next_deadline()
@@ -302,14 +362,59 @@ class MeshDriver(Generic[LinkT]):
             raise LookupError("token_refresh needs a synchronous verify_token")
         return claims
 
+    # -- plain HTTP on the same port --------------------------------------------------------
+
+    def _serve_http(self, link: Any, conn: HttpServerConnection) -> None:
+        self._handles.pop(link, None)  # not an agent: no handle, no on_event
+
+        def on_event(event: Any) -> None:
+            if type(event) is HttpRequest:
+                self._run_http(event, HttpResponder(self, link, conn))
+
+        link.pump.switch(conn, on_event)
+        link.pump.service()
+
+    async def _http_async(self, request: HttpRequest, responder: HttpResponder) -> None:
+        try:
+            await self._http_app(request, responder)  # type: ignore[misc]
+        except Exception:
+            self._http_failed(request, responder)
+        else:
+            self._http_unanswered(request, responder)
+
+    def _http_sync(self, request: HttpRequest, responder: HttpResponder) -> None:
+        try:
+            self._http_app(request, responder)  # type: ignore[misc]
+        except Exception:
+            self._http_failed(request, responder)
+        else:
+            self._http_unanswered(request, responder)
+
+    @staticmethod
+    def _http_failed(request: HttpRequest, responder: HttpResponder) -> None:
+        log.exception("HTTP application failed on %s %s", request.method, request.path)
+        if not responder.started:
+            responder.respond(500, _INTERNAL, _INTERNAL_BODY)
+        elif not responder.closed:
+            responder._conn.abort("the application failed mid-answer")
+            responder._flush()
+
+    @staticmethod
+    def _http_unanswered(request: HttpRequest, responder: HttpResponder) -> None:
+        if not responder.started:
+            log.error("HTTP application gave no answer to %s %s", request.method, request.path)
+            responder.respond(500, _INTERNAL, _INTERNAL_BODY)
+
     # -- dispatches ------------------------------------------------------------------------
 
     def _send(self, instance_id: str, capability: str, arguments: Mapping[str, Any] | None,
               *, deadline_ms: int, waiter: Waiter, on_chunk: Callable[[Any], object] | None,
-              task_id: str | None, session_context: Any) -> tuple[str, LinkT]:
+              task_id: str | None, session_context: Any,
+              dispatch_id: str | None = None) -> tuple[str, LinkT]:
         dispatch_id, link = self.runtime.dispatch(
             instance_id, capability, arguments, deadline_ms=deadline_ms, now=self._now(),
-            waiter=waiter, on_chunk=on_chunk, task_id=task_id, session_context=session_context)
+            waiter=waiter, on_chunk=on_chunk, task_id=task_id, session_context=session_context,
+            dispatch_id=dispatch_id)
         self._perform(self.runtime.take_actions())  # the link's pump schedules its timer
         return dispatch_id, link
 

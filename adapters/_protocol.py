@@ -255,6 +255,7 @@ class AsyncioMeshApi:
 
     agents: Mapping[str, Any]
     _arrived: asyncio.Event  # made by the driver's `_setup`
+    _http_tasks: set[asyncio.Task[None]]  # made by the driver's `_setup`
 
     def _agent_arrived(self) -> None:
         arrived, self._arrived = self._arrived, asyncio.Event()
@@ -272,11 +273,19 @@ class AsyncioMeshApi:
                        deadline_ms: int = 30_000,
                        on_chunk: Callable[[Any], object] | None = None,
                        task_id: str | None = None,
-                       session_context: SessionContext | None = None) -> Any:
-        """Send a dispatch and return its result; raise `DispatchError` on failure."""
+                       session_context: SessionContext | None = None,
+                       dispatch_id: str | None = None) -> Any:
+        """Send a dispatch and return its result; raise `DispatchError` on failure.
+        `dispatch_id`: an id of the caller's (a canonical UUID), e.g. to log it first."""
         return await dispatch(self, instance_id, capability, arguments, deadline_ms=deadline_ms,
                               on_chunk=on_chunk, task_id=task_id,
-                              session_context=session_context)
+                              session_context=session_context, dispatch_id=dispatch_id)
+
+    def _run_http(self, request: Any, responder: Any) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._http_async(request, responder))  # type: ignore[attr-defined]
+        self._http_tasks.add(task)
+        task.add_done_callback(self._http_tasks.discard)
 
 
 class Dialling:
@@ -352,12 +361,13 @@ async def listen(server: Any, link_class: Callable[..., ProtocolLink], host: str
 async def dispatch(server: Any, instance_id: str, capability: str,
                    arguments: Mapping[str, Any] | None, *, deadline_ms: int,
                    on_chunk: Callable[[Any], object] | None, task_id: str | None,
-                   session_context: Any) -> Any:
+                   session_context: Any, dispatch_id: str | None = None) -> Any:
     """Send a dispatch through a `MeshDriver` and await its outcome (a future)."""
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     dispatch_id, link = server._send(instance_id, capability, arguments,
                                      deadline_ms=deadline_ms, waiter=future, on_chunk=on_chunk,
-                                     task_id=task_id, session_context=session_context)
+                                     task_id=task_id, session_context=session_context,
+                                     dispatch_id=dispatch_id)
     try:
         if link.paused:  # backpressure, not memory growth
             await link.drain(WRITE_BUFFER_LIMIT // 4)

@@ -55,6 +55,11 @@ class Pump:
         self._busy = False
         self.closed = False
 
+    def switch(self, conn: Any, on_event: Callable[[Any], None]) -> None:
+        """Feed `conn` from now on and hand its events to `on_event` (a transport that
+        turned out to carry plain HTTP); takes effect inside a `service()` in progress."""
+        self.conn, self._on_event = conn, on_event
+
     def feed(self, data: bytes, now: float) -> None:
         self.conn.receive_data(data, now)
         self.service()
@@ -74,8 +79,8 @@ class Pump:
             return  # the outer call loops until nothing is left
         self._busy = True
         try:
-            conn = self.conn
             while True:
+                conn = self.conn  # read each round: an event may `switch` the connection
                 events = conn.events_received()
                 for event in events:
                     self._on_event(event)
@@ -92,7 +97,7 @@ class Pump:
                         self._write(chunks)
                 if not events and not chunks:
                     break
-            deadline = None if self.closed else conn.next_deadline()
+            deadline = None if self.closed else self.conn.next_deadline()
             if deadline != self._deadline:
                 self._deadline = deadline
                 self._arm_timer(deadline)

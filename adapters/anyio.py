@@ -71,6 +71,19 @@ class Agent(TaskTimer, AgentDriver[Awaitable[str]]):
         self._group: TaskGroup | None = None  # while it runs
         self._settled, self._finished = anyio.Event(), anyio.Event()  # up or stopped; stopped
         self._error: BaseException | None = None
+        self.runtime.tool_caller = self._call_tool
+
+    async def _call_tool(self, tool: str, arguments: Any = None, **options: Any) -> Any:
+        """`DispatchContext.call_tool` here: send the tool call, await its result."""
+        waiter = _Waiter(anyio.Event())
+        call_id = self.runtime.call_tool(tool, arguments, waiter=waiter, **options)
+        try:
+            await waiter.settled.wait()
+        finally:
+            self.runtime.forget_tool_call(call_id)
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.value
 
     def _now(self) -> float:
         return self._backend.current_time()  # type: ignore[no-any-return]
@@ -266,6 +279,10 @@ class MeshServer(TaskTimer, MeshDriver[AnyLink]):
         if self._group is not None:  # None only once the mesh closed: no link waits then
             self._group.start_soon(self._admission, action, claims, record)
 
+    def _run_http(self, request: Any, responder: Any) -> None:
+        if self._group is not None:
+            self._group.start_soon(self._http_async, request, responder)
+
     def _agent_arrived(self) -> None:
         arrived, self._arrived = self._arrived, self._new_event()
         arrived.set()
@@ -358,17 +375,19 @@ class MeshServer(TaskTimer, MeshDriver[AnyLink]):
                        deadline_ms: int = 30_000,
                        on_chunk: Callable[[Any], object] | None = None,
                        task_id: str | None = None,
-                       session_context: SessionContext | None = None) -> Any:
+                       session_context: SessionContext | None = None,
+                       dispatch_id: str | None = None) -> Any:
         """Send a dispatch and return its result; raise `DispatchError` on failure."""
         if self._native:
             return await _protocol.dispatch(
                 self, instance_id, capability, arguments, deadline_ms=deadline_ms,
-                on_chunk=on_chunk, task_id=task_id, session_context=session_context)
+                on_chunk=on_chunk, task_id=task_id, session_context=session_context,
+                dispatch_id=dispatch_id)
         waiter = _Waiter(self._new_event())
         dispatch_id, link = self._send(instance_id, capability, arguments,
                                        deadline_ms=deadline_ms, waiter=waiter,
                                        on_chunk=on_chunk, task_id=task_id,
-                                       session_context=session_context)
+                                       session_context=session_context, dispatch_id=dispatch_id)
         try:
             await link.drain(WRITE_BUFFER_LIMIT // 4)  # backpressure, not memory growth
             await waiter.settled.wait()

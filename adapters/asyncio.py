@@ -55,6 +55,16 @@ class Agent(LoopTimer, AgentDriver[Awaitable[str]]):
         self._finished: asyncio.Future[None] | None = None
         self._runner: asyncio.Task[None] | None = None
         self._clock: Callable[[], float] = lambda: asyncio.get_running_loop().time()
+        self.runtime.tool_caller = self._call_tool
+
+    async def _call_tool(self, tool: str, arguments: Any = None, **options: Any) -> Any:
+        """`DispatchContext.call_tool` here: send the tool call, await its result."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        call_id = self.runtime.call_tool(tool, arguments, waiter=future, **options)
+        try:
+            return await future
+        finally:
+            self.runtime.forget_tool_call(call_id)
 
     def _now(self) -> float:
         return self._clock()
@@ -159,6 +169,7 @@ class MeshServer(LoopTimer, AsyncioMeshApi, MeshDriver[ProtocolLink]):
 
     def _setup(self) -> None:
         self._server: asyncio.Server | None = None
+        self._http_tasks: set[asyncio.Task[None]] = set()
         self._arrived = asyncio.Event()
         self._shut: asyncio.Event | None = None
         self._clock: Callable[[], float] = lambda: asyncio.get_running_loop().time()

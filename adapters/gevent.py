@@ -316,6 +316,16 @@ class Agent(AgentDriver[str]):
         self._handlers: dict[str, greenlet.greenlet] = {}
         self._dialling: gevent.Greenlet | None = None
         self._timer = _Timer(self._fire)
+        self.runtime.tool_caller = self._call_tool
+
+    def _call_tool(self, tool: str, arguments: Any = None, **options: Any) -> Any:
+        """`DispatchContext.call_tool` here: send the tool call, block for its result."""
+        outcome = gevent.event.AsyncResult()
+        call_id = self.runtime.call_tool(tool, arguments, waiter=outcome, **options)
+        try:
+            return outcome.get()
+        finally:
+            self.runtime.forget_tool_call(call_id)
 
     # -- the runtime's actions -------------------------------------------------------------
 
@@ -579,19 +589,23 @@ class MeshServer(MeshDriver[_Link]):
     def dispatch(self, instance_id: str, capability: str,
                  arguments: Mapping[str, Any] | None = None, *, deadline_ms: int = 30_000,
                  on_chunk: Callable[[Any], object] | None = None, task_id: str | None = None,
-                 session_context: SessionContext | None = None) -> Any:
+                 session_context: SessionContext | None = None,
+                 dispatch_id: str | None = None) -> Any:
         """Send a dispatch and return its result; raise `DispatchError` on failure (spec 3)."""
         outcome = gevent.event.AsyncResult()
         dispatch_id, link = self._send(instance_id, capability, arguments,
                                        deadline_ms=deadline_ms, waiter=outcome,
                                        on_chunk=on_chunk, task_id=task_id,
-                                       session_context=session_context)
+                                       session_context=session_context, dispatch_id=dispatch_id)
         try:
             if link.queued > WRITE_BUFFER_LIMIT // 4:
                 link.wait_flushed(deadline_ms / 1000)  # backpressure, not memory growth
             return outcome.get()  # the core's deadline or the resume window ends every wait
         finally:
             self.runtime.discard(dispatch_id)
+
+    def _run_http(self, request: Any, responder: Any) -> None:
+        gevent.spawn(self._http_sync, request, responder)
 
     @_owned
     def close(self, grace: float | None = None) -> None:

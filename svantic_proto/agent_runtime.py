@@ -54,6 +54,7 @@ from .events import (
     DispatchReceived,
     Event,
     SessionStarted,
+    ToolResultReceived,
 )
 from .handshake import build_upgrade_request
 from .states import AgentState
@@ -205,6 +206,10 @@ class AgentRuntime:
         self.handler_runs = 0
         self.last_closed: ConnectionClosed | None = None
         self.last_started: SessionStarted | None = None
+        self._tool_waiters: dict[str, Any] = {}  # call id -> its waiter
+        self.tool_caller: Callable[..., Any] | None = None
+        """The driver's `call_tool` (it sends through `call_tool` below and waits in its own
+        way): handed to every handler as `DispatchContext.call_tool`."""
         self.on_output: Callable[[], object] | None = None
         """Called after a handler's chunk queued output outside the driver's own calls, so
         the driver can write it (its step 1)."""
@@ -414,6 +419,51 @@ class AgentRuntime:
         if dispatch_id in self.session.running:
             self._answer().send_error(dispatch_id, "DISPATCH_FAILED", "the handler gave no answer")
 
+    def call_tool(self, tool: str, arguments: Mapping[str, Any] | None = None, *,
+                  waiter: Any, deadline_ms: int | None = None, agent_type: str | None = None,
+                  instance_id: str | None = None, session_id: str | None = None) -> str:
+        """Ask the mesh to run `tool` on another agent (spec 3 `tool_call`); its
+        `tool_result` goes to `waiter` (`set_result(result)`, or `set_exception` with a
+        `DispatchError` carrying the mesh's code). Fails at once with `AGENT_DISCONNECTED`
+        while no connection is ready; a connection lost before the answer fails it too."""
+        conn = self.conn
+        if conn is None or conn.state is not AgentState.READY:
+            raise DispatchError("", "AGENT_DISCONNECTED", "not connected to the mesh")
+        call_id = conn.send_tool_call(
+            tool, dict(arguments) if arguments else {}, deadline_ms=deadline_ms,
+            agent_type=agent_type, instance_id=instance_id, session_id=session_id)
+        self._tool_waiters[call_id] = waiter
+        if self.on_output is not None:
+            self.on_output()
+        return call_id
+
+    def forget_tool_call(self, call_id: str) -> None:
+        """The caller stopped waiting (cancelled): its answer is dropped when it comes."""
+        self._tool_waiters.pop(call_id, None)
+
+    def _tool_result(self, event: ToolResultReceived) -> None:
+        waiter = self._tool_waiters.pop(event.call_id, None)
+        if waiter is None:
+            return
+        error = event.error
+        try:
+            if error is None:
+                waiter.set_result(event.result)
+            else:
+                waiter.set_exception(DispatchError(
+                    event.call_id, str(error.get("code") or "TOOL_FAILED"), error.get("message")))
+        except Exception:  # a waiter that was cancelled meanwhile
+            self._log.debug("%s: tool result %s had nobody waiting", self.instance_id,
+                            event.call_id)
+
+    def _fail_tool_calls(self, reason: str) -> None:
+        waiters, self._tool_waiters = self._tool_waiters, {}
+        for call_id, waiter in waiters.items():
+            try:
+                waiter.set_exception(DispatchError(call_id, "AGENT_DISCONNECTED", reason))
+            except Exception:
+                self._log.debug("%s: tool call %s had nobody waiting", self.instance_id, call_id)
+
     def _answer(self) -> AgentConnection:
         conn = self.conn
         assert conn is not None  # a handler only starts from a connection
@@ -463,7 +513,11 @@ class AgentRuntime:
         elif kind is SessionStarted:
             self._session_started(event)  # type: ignore[arg-type]
         elif kind is ConnectionClosed:
+            if self._tool_waiters:
+                self._fail_tool_calls("the connection to the mesh was lost")
             self._connection_closed(event)  # type: ignore[arg-type]
+        elif kind is ToolResultReceived:
+            self._tool_result(event)  # type: ignore[arg-type]
         elif kind is CloseRequested:
             self._log.info("%s: the mesh asked to close: %s", self.instance_id,
                      event.reason or "no reason given")  # type: ignore[attr-defined]
@@ -486,6 +540,7 @@ class AgentRuntime:
             deadline_ms=event.deadline_ms, task_id=event.task_id,
             session_context=event.session_context,
             send_chunk=lambda data: self._chunk(dispatch_id, data),
+            tool_caller=self.tool_caller,
         )
         self._running[dispatch_id] = context
         self.handler_runs += 1

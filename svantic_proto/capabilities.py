@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import HandlerError, LocalProtocolError
+from .errors import DispatchError, HandlerError, LocalProtocolError
 from .events import DispatchReceived
 from .frames import SessionContext
 from .trace import SessionTraceContext, trace_context_from_headers
@@ -55,6 +55,7 @@ class DispatchContext:
     session_context: SessionContext | None
     send_chunk: Callable[[Any], object] = field(repr=False, default=_no_chunks)
     cancelled: bool = False
+    tool_caller: Callable[..., Any] | None = field(default=None, repr=False)
     _trace: SessionTraceContext | None = field(default=None, repr=False)
 
     @property
@@ -70,6 +71,23 @@ class DispatchContext:
     def chunk(self, data: Any) -> None:
         """Stream one chunk to the caller (queued in the outbox while disconnected)."""
         self.send_chunk(data)
+
+    def call_tool(self, tool: str, arguments: Mapping[str, Any] | None = None, *,
+                  deadline_ms: int | None = None, agent_type: str | None = None,
+                  instance_id: str | None = None) -> Any:
+        """Run another agent's capability through the mesh (spec 3 `tool_call`) and get its
+        result: awaitable on the async adapters, blocking on gevent. Raises `DispatchError`
+        with the mesh's code (`AGENT_UNAVAILABLE`, `TOOL_DEPTH_EXCEEDED`, the agent's own).
+
+        The call carries this dispatch's session id, so the mesh can bound a chain of
+        calls (an agent calling itself without end stops at the mesh's depth limit)."""
+        if self.tool_caller is None:
+            raise LocalProtocolError("tool calls need an agent driver (an adapter's Agent)")
+        context = self.session_context
+        return self.tool_caller(
+            tool, arguments, deadline_ms=deadline_ms, agent_type=agent_type,
+            instance_id=instance_id,
+            session_id=context.session_id if context is not None else None)
 
 
 class CapabilityRegistry:
@@ -130,10 +148,14 @@ class CapabilityRegistry:
 def handler_outcome(exc: BaseException) -> tuple[str, str, dict[str, Any] | None]:
     """The terminal error for a handler that raised (spec 3: DISPATCH_FAILED).
 
-    A `HandlerError` chooses its own code; any other exception is DISPATCH_FAILED with its
-    type and text, which the agent's own code wrote for its caller (the traceback stays in
-    the agent's log).
+    A `HandlerError` chooses its own code. A `DispatchError` the handler let through (a
+    tool call that failed) keeps its code and message, which the mesh wrote, so a chain of
+    calls reports the failure at its root (`TOOL_DEPTH_EXCEEDED`, say). Any other exception
+    is DISPATCH_FAILED naming only its type: its text may hold internal detail, and stays
+    in the agent's log with the traceback.
     """
     if isinstance(exc, HandlerError):
         return exc.code, exc.message, exc.detail
-    return "DISPATCH_FAILED", f"{type(exc).__name__}: {exc}", None
+    if isinstance(exc, DispatchError):
+        return exc.code, exc.message or exc.code, None
+    return "DISPATCH_FAILED", f"the handler raised {type(exc).__name__}", None

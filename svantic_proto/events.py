@@ -32,6 +32,7 @@ __all__ = [
     "ToolCallReceived",
     "ToolResultReceived",
     "HeartbeatReceived",
+    "HttpRequested",
     "ErrorReceived",
     "CloseRequested",
     "TokenRefreshed",
@@ -56,6 +57,14 @@ class UpgradeRequest(Event, frozen=True):
     """
 
     request: UpgradeRequested
+
+
+class HttpRequested(Event, frozen=True):
+    """Mesh with `serve_http`: the first request is plain HTTP, not an upgrade of the
+    connect path. The connection is over without a word; `data` (the bytes read so far)
+    goes to an `http.HttpServerConnection` on the same transport."""
+
+    data: bytes
 
 
 class SessionStarted(Event, frozen=True):

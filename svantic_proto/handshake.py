@@ -59,6 +59,7 @@ __all__ = [
     "InstanceNotFound",
     "InstanceRecord",
     "MissingInstanceId",
+    "PlainHttpRequest",
     "Reject",
     "ServerHandshake",
     "ServerHandshakeEvent",
@@ -414,7 +415,15 @@ class HandshakeRefused:
     response_bytes: bytes = field(repr=False)
 
 
-ServerHandshakeEvent: TypeAlias = UpgradeRequested | HandshakeRefused
+@dataclass(frozen=True, slots=True)
+class PlainHttpRequest:
+    """Not a WebSocket upgrade of our path, on a server that also serves plain HTTP
+    (`serve_http`): hand `data` (every byte read so far) to an HTTP server connection."""
+
+    data: bytes = field(repr=False)
+
+
+ServerHandshakeEvent: TypeAlias = UpgradeRequested | HandshakeRefused | PlainHttpRequest
 
 
 class ServerHandshake:
@@ -431,6 +440,7 @@ class ServerHandshake:
         "_extra",
         "_max_header_bytes",
         "_path",
+        "_raw",
         "_received",
         "_request",
         "_state",
@@ -438,7 +448,8 @@ class ServerHandshake:
 
     _READING, _DECIDING, _DONE = range(3)
 
-    def __init__(self, *, max_header_bytes: int = 16384, path: str = CONNECT_PATH) -> None:
+    def __init__(self, *, max_header_bytes: int = 16384, path: str = CONNECT_PATH,
+                 serve_http: bool = False) -> None:
         if max_header_bytes < 256:
             raise LocalProtocolError("max_header_bytes must be at least 256")
         if not path.startswith("/"):
@@ -450,6 +461,9 @@ class ServerHandshake:
         self._request: UpgradeRequested | None = None
         self._extra = bytearray()
         self._state = self._READING
+        # With `serve_http`, the bytes read until the request line is screened, for the
+        # HTTP server a plain request goes to (at most a head and one read's worth).
+        self._raw: bytearray | None = bytearray() if serve_http else None
 
     @property
     def extra(self) -> bytes:
@@ -470,6 +484,8 @@ class ServerHandshake:
         if self._state == self._DONE:
             raise InvalidState("the handshake is finished: feed later bytes to Framing")
         connection = self._connection
+        if self._raw is not None and data:
+            self._raw += data
         try:
             if data:
                 self._received += len(data)
@@ -507,9 +523,17 @@ class ServerHandshake:
     def _too_large(self) -> str:
         return f"request headers exceed {self._max_header_bytes} bytes"
 
-    def _screen(self, request: h11.Request) -> HandshakeRefused | None:
+    def _screen(self, request: h11.Request) -> HandshakeRefused | PlainHttpRequest | None:
         """Refusals decided from the request line and headers, in this order."""
         headers = request.headers
+        if self._raw is not None and (
+            "websocket" not in _header_tokens(headers, b"upgrade")
+            or request.target.decode("ascii", "replace").partition("?")[0] != self._path
+        ):
+            raw, self._raw = bytes(self._raw), None
+            self._state = self._DONE
+            return PlainHttpRequest(raw)
+        self._raw = None
         # Section 1: a request that is not a WebSocket upgrade at all gets 426 first.
         if "websocket" not in _header_tokens(headers, b"upgrade"):
             return self._refuse(

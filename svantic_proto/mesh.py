@@ -32,6 +32,7 @@ from .events import (
     DispatchFailed,
     DispatchTimedOut,
     HeartbeatReceived,
+    HttpRequested,
     SessionStarted,
     TokenRefreshed,
     ToolCallReceived,
@@ -67,7 +68,14 @@ from .frames import (
     Welcome,
     WelcomePayload,
 )
-from .handshake import Accept, HandshakeRefused, Reject, ServerHandshake, UpgradeRequested
+from .handshake import (
+    Accept,
+    HandshakeRefused,
+    PlainHttpRequest,
+    Reject,
+    ServerHandshake,
+    UpgradeRequested,
+)
 from .resume import HeldDispatch, ResumeStore
 from .states import MESH_TRANSITIONS, MeshState
 
@@ -199,13 +207,14 @@ class MeshConnection(_Connection):
         connection_id: str | None = None,
         random_bytes: Callable[[int], bytes] | None = None,
         frames: FrameFactory | None = None,
+        serve_http: bool = False,
     ) -> None:
         super().__init__(
             config, now=now, wall_clock=wall_clock, random_bytes=random_bytes, frames=frames
         )
         self.state = MeshState.HANDSHAKE
         self._handshake: ServerHandshake | None = ServerHandshake(
-            max_header_bytes=self.config.max_handshake_bytes
+            max_header_bytes=self.config.max_handshake_bytes, serve_http=serve_http
         )
         self._request: UpgradeRequested | None = None
         self._pending_input = bytearray()
@@ -235,6 +244,14 @@ class MeshConnection(_Connection):
         if state is _HANDSHAKE and self._handshake is not None:
             result = self._handshake.receive_data(data)
             if result is None:
+                return
+            if isinstance(result, PlainHttpRequest):
+                self._handshake = None
+                self._move("http_request")
+                self._timers.clear()
+                self._deadlines.clear()
+                self._closed_reported = True  # handed over: this connection reports no close
+                self._events.append(HttpRequested(result.data))
                 return
             if isinstance(result, HandshakeRefused):
                 self._out.append(result.response_bytes)

@@ -58,11 +58,13 @@ from .events import (
     DispatchFailed,
     DispatchTimedOut,
     Event,
+    HttpRequested,
     SessionStarted,
     UpgradeRequest,
 )
 from .frames import SessionContext
 from .handshake import Accept, InstanceRecord, Reject, check_upgrade
+from .http import HttpServerConnection
 from .mesh import MeshConnection, MintDispatchAuth, TokenVerifier, held_failures
 from .resume import ResumeStore
 from .states import MeshState
@@ -79,6 +81,7 @@ __all__ = [
     "DropLink",
     "MeshPhase",
     "MeshRuntime",
+    "ServeHttp",
     "ServiceLink",
     "ShutdownComplete",
     "Waiter",
@@ -140,8 +143,19 @@ class ShutdownComplete:
     """Every connection is gone (or was dropped) and every waiter has its answer."""
 
 
+@dataclass(frozen=True, slots=True)
+class ServeHttp(Generic[L]):
+    """The link carries plain HTTP (a mesh with `serve_http`): from now on its pump feeds
+    `conn`, and each `HttpRequest` it reports goes to the application, whose answers are
+    written through `conn`. The runtime keeps the link's timer and its shutdown."""
+
+    link: L
+    conn: HttpServerConnection
+
+
 Action: TypeAlias = (
     ServiceLink[L] | DropLink[L] | AdmissionNeeded[L] | AgentArrived | ShutdownComplete
+    | ServeHttp[L]
 )
 
 
@@ -194,6 +208,8 @@ class _Link:
     """The runtime gave up on it (replaced, dropped, shut down): never in the tables again."""
     dropped: bool = False
     """`DropLink` was emitted (or the driver was told to drop it)."""
+    http: HttpServerConnection | None = None
+    """Set when the link carries plain HTTP (`serve_http`) instead of an agent."""
 
 
 class _Outage(Exception):
@@ -263,9 +279,13 @@ class MeshRuntime(Generic[L]):
         max_handshakes: int = 1024,
         outage_errors: tuple[type[BaseException], ...] = (OSError,),
         random_bytes: Callable[[int], bytes] | None = None,
+        serve_http: bool = False,
+        max_http_connections: int = 1024,
+        max_http_body_bytes: int = 1 << 20,
     ) -> None:
-        if max_connections < 0 or max_handshakes < 0:
-            raise LocalProtocolError("max_connections and max_handshakes must be >= 0")
+        if max_connections < 0 or max_handshakes < 0 or max_http_connections < 0:
+            raise LocalProtocolError(
+                "max_connections, max_handshakes and max_http_connections must be >= 0")
         self.config = config if config is not None else Config()
         self.store = (
             resume_store if resume_store is not None
@@ -278,6 +298,10 @@ class MeshRuntime(Generic[L]):
         self._wall_clock = wall_clock
         self._random_bytes = random_bytes
         self._outage_errors = outage_errors
+        self.serve_http = serve_http
+        self.max_http_connections = max_http_connections
+        self.max_http_body_bytes = max_http_body_bytes
+        self._http: dict[L, None] = {}  # links carrying plain HTTP, oldest first
         self._frames = FrameFactory(wall_clock, random_bytes)  # one id source for all
         self._log = _get_logger()
 
@@ -324,6 +348,10 @@ class MeshRuntime(Generic[L]):
     def handshakes(self) -> int:
         """Transports accepted whose session has not started (what `max_handshakes` bounds)."""
         return len(self._handshakes)
+
+    def http_connections(self) -> int:
+        """Links carrying plain HTTP (what `max_http_connections` bounds)."""
+        return len(self._http)
 
     def waiting(self) -> int:
         """Dispatches whose caller waits for an outcome."""
@@ -384,7 +412,7 @@ class MeshRuntime(Generic[L]):
         conn = MeshConnection(
             dispatch_auth=self._mint, now=now, wall_clock=self._wall_clock, config=self.config,
             resume_store=self.store, verify_token=self._verify_token,
-            random_bytes=self._random_bytes, frames=self._frames,
+            random_bytes=self._random_bytes, frames=self._frames, serve_http=self.serve_http,
         )
         state.conn = conn
         self._refresh(link, state)
@@ -405,6 +433,8 @@ class MeshRuntime(Generic[L]):
                 self._upgrade_requested(link, state, event, now)
             elif isinstance(event, SessionStarted):
                 self._session_started(link, state, event)
+            elif isinstance(event, HttpRequested):
+                self._http_requested(link, state, event, now)
             elif isinstance(event, ConnectionClosed):
                 self._connection_closed(link, state, event, now)
 
@@ -418,7 +448,12 @@ class MeshRuntime(Generic[L]):
         if state is None:
             return
         conn = state.conn
-        if conn is not None and not state.ended:
+        if state.http is not None:
+            self._http.pop(link, None)
+            state.http.abort("the transport closed")
+            state.http.events_received()  # the driver's pump is detached: nobody reads them
+            state.http.data_to_send()
+        elif conn is not None and not state.ended:
             conn.receive_eof(now)
             self.connection_events(link, conn.events_received(), now)
             conn.data_to_send()  # nowhere to write it
@@ -472,9 +507,12 @@ class MeshRuntime(Generic[L]):
                 self._handshake_timed_out(link)
         for link in due:
             state = self._links.get(link)
-            if state is None or state.conn is None:
+            if state is None:
                 continue
-            state.conn.handle_timer(now)
+            target = state.http if state.http is not None else state.conn
+            if target is None:
+                continue
+            target.handle_timer(now)
             self._refresh(link, state)
             self._actions.append(ServiceLink(link))
         for event in held_failures(self.store.expire(now)):
@@ -645,6 +683,46 @@ class MeshRuntime(Generic[L]):
             if self._agents.get(instance_id) == link:
                 del self._agents[instance_id]
 
+    def _http_requested(self, link: L, state: _Link, event: HttpRequested, now: float) -> None:
+        """Plain HTTP on this link: it leaves the handshakes (and their bound and timeout)
+        for the HTTP links, bounded by `max_http_connections` (the oldest idle one goes
+        first; with none idle, the newcomer is answered 503)."""
+        self._handshakes.pop(link, None)
+        state.handshake_deadline = None
+        config = self.config
+        http = HttpServerConnection(
+            now=now, max_header_bytes=config.max_handshake_bytes,
+            max_body_bytes=self.max_http_body_bytes,
+            max_buffered_bytes=self.max_http_body_bytes + config.max_handshake_bytes,
+            request_timeout=config.hello_timeout,
+        )
+        state.http = http
+        self._http[link] = None
+        if len(self._http) > self.max_http_connections:
+            idle = self._idle_http(exclude=link)
+            if idle is None:
+                http.refuse(503, AT_CAPACITY, "too many HTTP connections: try again later")
+                self._log.info("HTTP connection limit (%d) reached: answered 503",
+                               self.max_http_connections)
+                self._actions.append(ServeHttp(link, http))
+                return
+            idle_state = self._links[idle]
+            if idle_state.http is not None:
+                idle_state.http.abort("HTTP connection limit")
+            self._refresh(idle, idle_state)
+            self._actions.append(ServiceLink(idle))
+        http.receive_data(event.data, now)
+        self._refresh(link, state)
+        self._actions.append(ServeHttp(link, http))
+
+    def _idle_http(self, exclude: L) -> L | None:
+        """The oldest HTTP link waiting for a request (none is answering on it)."""
+        for link in self._http:
+            http = self._links[link].http
+            if link != exclude and http is not None and not http.answering:
+                return link
+        return None
+
     def _handshake_timed_out(self, link: L) -> None:
         state = self._links[link]
         self._retire(link, state)
@@ -668,10 +746,12 @@ class MeshRuntime(Generic[L]):
         on_chunk: Callable[[Any], object] | None = None,
         task_id: str | None = None,
         session_context: SessionContext | None = None,
+        dispatch_id: str | None = None,
     ) -> tuple[str, L]:
         """Send a dispatch; its outcome goes to `waiter` (a result, or a `DispatchError`),
         its chunks to `on_chunk` in `seq` order, once each, across a resume. Returns the
-        dispatch id and the link to service (and to wait on for backpressure).
+        dispatch id (`dispatch_id` when the caller chose one: a canonical UUID not in
+        flight) and the link to service (and to wait on for backpressure).
 
         Raises `DispatchError` `AGENT_UNAVAILABLE` when the instance has no running session
         that takes dispatches (not connected, asked to close, or the mesh is shutting down).
@@ -685,7 +765,7 @@ class MeshRuntime(Generic[L]):
             raise DispatchError("", "AGENT_UNAVAILABLE", f"{instance_id} is not connected")
         dispatch_id = conn.send_dispatch(
             capability, dict(arguments) if arguments else {}, deadline_ms=deadline_ms, now=now,
-            task_id=task_id, session_context=session_context,
+            task_id=task_id, session_context=session_context, dispatch_id=dispatch_id,
         )
         self._waiters[dispatch_id] = _Pending(waiter, on_chunk)
         self._actions.append(ServiceLink(link))  # whose pump then schedules its new deadline
@@ -742,6 +822,10 @@ class MeshRuntime(Generic[L]):
                        len(self._sessions), grace)
         for link, state in list(self._links.items()):
             conn = state.conn
+            if state.http is not None:  # answer what was asked, keep nothing alive
+                state.http.close_when_idle()
+                self._actions.append(ServiceLink(link))
+                continue
             if conn is None:
                 self._retire(link, state)
                 self._drop(link, state, SHUTDOWN_REASON)
@@ -790,7 +874,12 @@ class MeshRuntime(Generic[L]):
         for link, state in list(self._links.items()):
             conn = state.conn
             self._retire(link, state)
-            if conn is not None and conn.state in (_AWAITING_HELLO, _READY, MeshState.DRAINING):
+            if state.http is not None:
+                # An answer in progress finishes (the link closes after it, see
+                # begin_shutdown), within the close timeout; an idle link goes now.
+                if not state.http.answering:
+                    self._drop(link, state, SHUTDOWN_REASON)
+            elif conn is not None and conn.state in (_AWAITING_HELLO, _READY, MeshState.DRAINING):
                 conn.close(1001, SHUTDOWN_REASON, now=now)
                 closing += 1
                 self._refresh(link, state)
@@ -826,8 +915,8 @@ class MeshRuntime(Generic[L]):
     # -- timers ----------------------------------------------------------------------------------
 
     def _refresh(self, link: L, state: _Link) -> None:
-        conn = state.conn
-        self._set_deadline(link, conn.next_deadline() if conn is not None else None)
+        target = state.http if state.http is not None else state.conn
+        self._set_deadline(link, target.next_deadline() if target is not None else None)
 
     def _set_deadline(self, link: L, deadline: float | None) -> None:
         deadlines = self._conn_deadlines

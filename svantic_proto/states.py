@@ -84,6 +84,7 @@ MESH_TRANSITIONS: dict[MeshState, dict[str, MeshState]] = {
     MeshState.HANDSHAKE: {
         "upgrade_requested": MeshState.UPGRADE_PENDING,
         "handshake_refused": MeshState.CLOSED,
+        "http_request": MeshState.CLOSED,
         "transport_lost": MeshState.CLOSED,
     },
     MeshState.UPGRADE_PENDING: {

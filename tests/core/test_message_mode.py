@@ -825,6 +825,8 @@ def test_the_sending_api_has_the_core_s_signatures(wrapper: type, core: type) ->
         assert _shape(getattr(wrapper, name)) == _shape(getattr(core, name)), name
     init = inspect.signature(wrapper).parameters
     for name, parameter in inspect.signature(core).parameters.items():
+        if name == "serve_http":  # in message mode the host's stack serves plain HTTP
+            continue
         assert init[name].kind == parameter.kind and init[name].default == parameter.default
 
 
