@@ -1,0 +1,896 @@
+"""The reference mesh on an adapter: the control plane, the fleet and the agents' sockets on
+one port, with the I/O the pure parts ask for (dispatches, hosted calls, card probes, event
+streams, tool calls, timers).
+
+`MeshParts` wires the pure pieces (registry, router, fleet, control plane, events, metrics,
+tokens, dispatch auth) and answers the adapter's callbacks (`verify_token`,
+`lookup_instance`, `on_event`, dispatch-auth minting). `AsyncMesh` runs them on the asyncio
+or anyio adapter (asyncio or trio), `GeventMesh` on the gevent adapter; the two differ only
+in how they wait. Outbound HTTPS (hosted `POST {url}/send`, the card probe) goes through
+httpx, whose one API covers asyncio, trio and blocking code.
+
+Decided (see docs/protocol-decisions.md): the transport JWTs and the dispatch-auth envelopes
+are signed with two different secrets, since agents hold the dispatch-auth one to verify
+their envelopes and must not be able to mint transport tokens; a deregistered instance's
+socket is closed `1001` "instance deregistered" (its reconnect then gets 404).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import msgspec
+
+from svantic_proto import Config, InstanceRecord
+from svantic_proto.auth import DispatchAuthMinter
+from svantic_proto.errors import DispatchError, LocalProtocolError, SvanticError
+from svantic_proto.events import (
+    ConnectionClosed,
+    HeartbeatReceived,
+    SessionStarted,
+    ToolCallReceived,
+)
+from svantic_proto.frames import SessionContext, SharedSecretAuth, SvanticJwtAuth
+from svantic_proto.http import HttpRequest
+from svantic_proto.ids import IdFactory
+from svantic_proto.mesh import DispatchRoute
+
+from .control import (
+    ControlPlane,
+    Dispatch,
+    ProbeCard,
+    Response,
+    Subscribe,
+    error_response,
+    sse_chunk,
+    sse_result,
+)
+from .events import KEEPALIVE, EventBus, Subscription, TooManySubscribers
+from .fleet import Fleet, ToolRoute, transport_of
+from .metrics import MeshMetrics
+from .model import RouteError
+from .registry import Registry
+from .routing import Router, RouterConfig
+from .tokens import TokenIssuer
+
+__all__ = ["AsyncMesh", "GeventMesh", "MeshParts", "MeshSettings"]
+
+log = logging.getLogger("svantic.mesh")
+
+_SSE_HEADERS = (("content-type", "text/event-stream"), ("cache-control", "no-store"),
+                ("x-accel-buffering", "no"))
+_MAX_ANSWER_BYTES = 4 << 20
+"""A hosted agent's answer (or card) read at most this far: the mesh's memory is bounded."""
+_MAX_CARD_BYTES = 256 << 10
+_TOKEN_CACHE = 4096
+
+
+@dataclass(slots=True)
+class MeshSettings:
+    """What one mesh process is configured with (see `svantic mesh --help`)."""
+
+    public_url: str
+    token_secret: bytes
+    """Signs the transport JWTs `/auth/token` issues (spec 1); never leaves the mesh."""
+    signing_secret: bytes
+    """`SIGNING_SECRET` of spec 7: signs dispatch-auth envelopes; agents hold it to verify."""
+    dispatch_auth_enabled: bool = True
+    token_ttl: float = 3600.0
+    config: Config | None = None
+    router: RouterConfig | None = None
+    max_tool_depth: int = 8
+    max_body_bytes: int = 1 << 20
+    default_deadline_ms: int = 30_000
+    hosted_verify: ssl.SSLContext | bool = True
+    """How hosted agents' certificates are checked (True: the system's trust store)."""
+    probe_timeout: float = 5.0
+    keepalive_interval: float = 15.0
+    """A comment line on an idle event stream this often, so proxies keep it open."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Fleet(Fleet):
+    """The fleet, plus what only the serving code can see: routing time, and which
+    instances were deregistered (their sockets must close)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gone: list[str] = []
+
+    def acquire(self, tenant_id: str, capability: str, *, agent_type: str | None = None,
+                instance_id: str | None = None, now: float, wall: float | None = None) -> Any:
+        started = time.perf_counter()
+        try:
+            return super().acquire(tenant_id, capability, agent_type=agent_type,
+                                   instance_id=instance_id, now=now, wall=wall)
+        finally:
+            if self.metrics is not None:
+                self.metrics.routing_decision(time.perf_counter() - started)
+
+    def deregister(self, instance_id: str, *, reason: str, now: float, wall: float) -> bool:
+        removed = super().deregister(instance_id, reason=reason, now=now, wall=wall)
+        if removed:
+            self.gone.append(instance_id)
+        return removed
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one dispatch ended, whatever carried it."""
+
+    dispatch_id: str
+    result: Any = None
+    code: str | None = None
+    message: str | None = None
+
+
+class MeshParts:
+    """The pure parts of one mesh, wired, and the adapter callbacks that read them."""
+
+    def __init__(self, registry: Registry, settings: MeshSettings) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.events = EventBus()
+        self.metrics = MeshMetrics()
+        self.router = Router(settings.router)
+        self.fleet = _Fleet(registry=registry, router=self.router, events=self.events,
+                            metrics=self.metrics, max_tool_depth=settings.max_tool_depth)
+        self.tokens = TokenIssuer(settings.token_secret, ttl=settings.token_ttl)
+        self.ids = IdFactory(time.time)
+        dashboard = resources.files(__package__).joinpath("dashboard.html").read_bytes()
+        self.control = ControlPlane(
+            registry=registry, fleet=self.fleet, tokens=self.tokens, events=self.events,
+            metrics=self.metrics, public_url=settings.public_url,
+            dispatch_auth_enabled=settings.dispatch_auth_enabled,
+            max_body_bytes=settings.max_body_bytes,
+            default_deadline_ms=settings.default_deadline_ms, new_id=self.ids.new_id,
+            dashboard_html=dashboard)
+        self._minter = DispatchAuthMinter(settings.signing_secret)
+        self._verified: dict[str, tuple[dict[str, Any], float]] = {}
+        loaded = self.fleet.load(time.monotonic())
+        log.info("registry loaded: %d instances", loaded)
+
+    # -- the adapter's callbacks ----------------------------------------------------------------
+
+    def verify_token(self, token: str) -> dict[str, Any]:
+        """Transport JWT claims (spec 1), cached until they expire: an agent's upgrade and
+        every control-plane call verify the same few tokens again and again."""
+        wall = time.time()
+        cached = self._verified.get(token)
+        if cached is not None and cached[1] > wall:
+            return cached[0]
+        claims = self.tokens.verify(token, wall)
+        if len(self._verified) >= _TOKEN_CACHE:
+            self._verified.clear()
+        self._verified[token] = (claims, float(claims["exp"]))
+        return claims
+
+    def lookup_instance(self, instance_id: str) -> InstanceRecord | None:
+        row = self.registry.get_instance(instance_id)
+        if row is None:
+            return None
+        return InstanceRecord(instance_id=row.instance_id, tenant_id=row.tenant_id,
+                              deployment_mode=row.deployment_mode, agent_type=row.agent_type)
+
+    def mint(self, route: DispatchRoute) -> Any:
+        """The spec 7 envelope for one dispatch, by what the instance registered; raising
+        fails the dispatch `AGENT_UNHEALTHY` and sends nothing (fail closed)."""
+        state = self.router.get(route.instance_id)
+        row = self.registry.get_instance(route.instance_id) if state is None else None
+        mode = self._auth_type(route.instance_id, row)
+        if mode == "shared_secret":
+            secret = self.registry.instance_secret(route.instance_id)
+            if not secret:
+                raise LookupError(f"no shared secret stored for {route.instance_id}")
+            return SharedSecretAuth(secret=secret)
+        return SvanticJwtAuth(token=self._minter.mint_token(
+            instance_id=route.instance_id, agent_type=route.agent_type,
+            tenant_id=route.tenant_id, dispatch_id=route.dispatch_id,
+            capability=route.capability, now=route.now))
+
+    def _auth_type(self, instance_id: str, row: Any) -> str:
+        if row is None:
+            row = self.registry.get_instance(instance_id)
+        if row is None:
+            raise LookupError(f"instance {instance_id} is not registered")
+        return str(row.dispatch_auth_type)
+
+    def dispatch_auth(self) -> Callable[[DispatchRoute], Any] | None:
+        return self.mint if self.settings.dispatch_auth_enabled else None
+
+    # -- agent events ---------------------------------------------------------------------------
+
+    def agent_event(self, handle: Any, event: Any, agents: Mapping[str, Any]) -> bool:
+        """Keep the fleet in step with one core event; True for a tool call (the caller
+        routes it, which needs waiting)."""
+        kind = type(event)
+        if kind is HeartbeatReceived:
+            instance_id = handle.instance_id
+            if instance_id is not None:
+                try:
+                    self.fleet.heartbeat(
+                        instance_id, status=event.status, active_sessions=event.active_sessions,
+                        max_concurrent_sessions=event.max_concurrent_sessions, load=event.load,
+                        now=time.monotonic(), wall=time.time())
+                except (RouteError, KeyError, ValueError) as exc:
+                    log.info("heartbeat from %s ignored: %s", instance_id, exc)
+        elif kind is SessionStarted:
+            self.fleet.agent_connected(event.instance_id, capabilities=event.capabilities,
+                                       now=time.monotonic(), wall=time.time())
+        elif kind is ConnectionClosed:
+            instance_id = handle.instance_id
+            if instance_id is not None and instance_id not in agents:  # not replaced
+                self.fleet.agent_disconnected(instance_id, time.monotonic(), time.time())
+        elif kind is ToolCallReceived:
+            return True
+        return False
+
+    # -- payloads -------------------------------------------------------------------------------
+
+    def session_context(self, context: Mapping[str, Any] | None) -> SessionContext | None:
+        if not context:
+            return None
+        return SessionContext(session_id=context.get("session_id"),
+                              tenant_id=context.get("tenant_id"),
+                              propagation_headers=context.get("propagation_headers"))
+
+    def hosted_body(self, dispatch: Dispatch, dispatch_id: str) -> bytes:
+        """The spec 3 dispatch payload, byte for byte what the socket would carry (spec 8)."""
+        lease = dispatch.lease
+        body: dict[str, Any] = {
+            "dispatch_id": dispatch_id, "capability": dispatch.capability,
+            "arguments": dispatch.arguments, "deadline_ms": dispatch.deadline_ms,
+            "attempt": 1,
+        }
+        if dispatch.session_context:
+            body["session_context"] = dispatch.session_context
+        if self.settings.dispatch_auth_enabled:
+            envelope = self.mint(DispatchRoute(
+                instance_id=lease.instance_id, agent_type=lease.agent_type,
+                tenant_id=lease.tenant_id, dispatch_id=dispatch_id,
+                capability=dispatch.capability, now=time.time()))
+            body["dispatch_auth"] = msgspec.to_builtins(envelope)
+        return msgspec.json.encode(body)
+
+    def tool_dispatch(self, route: ToolRoute, event: ToolCallReceived) -> Dispatch:
+        lease = route.lease
+        url = None
+        if lease.deployment_mode == "hosted":
+            row = self.registry.get_instance(lease.instance_id)
+            url = row.url if row is not None else None
+        return Dispatch(
+            lease=lease, capability=event.tool, arguments=dict(event.arguments),
+            deadline_ms=route.deadline_ms,
+            session_context={"session_id": route.chain_id, "tenant_id": lease.tenant_id},
+            stream=False, transport=transport_of(lease.deployment_mode),  # type: ignore[arg-type]
+            url=url, started=time.monotonic())
+
+    def finish_http(self, dispatch: Dispatch, outcome: Outcome) -> Response:
+        return self.control.dispatch_finished(
+            dispatch, dispatch_id=outcome.dispatch_id, result=outcome.result,
+            code=outcome.code, message=outcome.message,
+            seconds=time.monotonic() - dispatch.started, now=time.monotonic(), wall=time.time())
+
+    def probe_finished(self, probe: ProbeCard, card: Any, error: str | None) -> Response:
+        return self.control.probe_finished(probe, card=card, error=error,
+                                           now=time.monotonic(), wall=time.time())
+
+
+# -- what hosted agents answer ------------------------------------------------------------------
+
+
+class SseReader:
+    """Server-Sent Events from a hosted agent's `/send` (spec 8), fed in pieces, bounded:
+    a line longer than the answer bound ends the answer as malformed."""
+
+    __slots__ = ("_buffer", "_data", "_event")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._event = ""
+        self._data: list[str] = []
+
+    def feed(self, data: bytes) -> list[tuple[str, str]]:
+        self._buffer += data
+        if len(self._buffer) > _MAX_ANSWER_BYTES:
+            raise ValueError("an event longer than the answer bound")
+        events: list[tuple[str, str]] = []
+        while True:
+            line, sep, rest = self._buffer.partition(b"\n")
+            if not sep:
+                return events
+            self._buffer = rest
+            text = line.rstrip(b"\r").decode("utf-8", "replace")
+            if not text:
+                if self._data:
+                    events.append((self._event or "message", "\n".join(self._data)))
+                self._event, self._data = "", []
+            elif text.startswith(":"):
+                continue
+            else:
+                name, _, value = text.partition(":")
+                value = value.removeprefix(" ")
+                if name == "event":
+                    self._event = value
+                elif name == "data":
+                    self._data.append(value)
+
+
+class HostedAnswer:
+    """A hosted agent's answer to `POST {url}/send`, fed as it arrives: SSE events are
+    passed on as they come (chunks) or end it (result, error); a whole JSON body is read up
+    to `_MAX_ANSWER_BYTES`. The same on every driver, whatever reads the bytes."""
+
+    __slots__ = ("_body", "_dispatch_id", "_on_chunk", "_reader", "_status")
+
+    def __init__(self, dispatch_id: str, status: int, content_type: str,
+                 on_chunk: Callable[[Any], object] | None) -> None:
+        self._dispatch_id, self._status, self._on_chunk = dispatch_id, status, on_chunk
+        streamed = status == 200 and content_type.startswith("text/event-stream")
+        self._reader = SseReader() if streamed else None
+        self._body = b""
+
+    def feed(self, piece: bytes) -> Outcome | None:
+        """The outcome once this piece decides it, else None."""
+        if self._reader is not None:
+            for name, data in self._reader.feed(piece):
+                outcome = event_outcome(self._dispatch_id, name, data, self._on_chunk)
+                if outcome is not None:
+                    return outcome
+            return None
+        self._body += piece
+        if len(self._body) > _MAX_ANSWER_BYTES:
+            return Outcome(self._dispatch_id, code="DISPATCH_FAILED",
+                           message="the hosted agent's answer is too large")
+        return None
+
+    def end(self) -> Outcome:
+        if self._reader is not None:
+            return Outcome(self._dispatch_id, code="DISPATCH_FAILED",
+                           message="the hosted agent's stream ended without a result")
+        return answer_outcome(self._dispatch_id, self._status, self._body)
+
+
+class CardProbe:
+    """A hosted agent's card (`GET {url}/.well-known/agent-card.json`), fed as it arrives,
+    bounded in bytes: `(card, None)` or `(None, our own short reason)`."""
+
+    __slots__ = ("_body", "failure")
+
+    def __init__(self, status: int) -> None:
+        self._body = b""
+        self.failure = None if status == 200 else f"HTTP {status}"
+
+    def feed(self, piece: bytes) -> bool:
+        """False once the card is over its bound (stop reading)."""
+        self._body += piece
+        if len(self._body) > _MAX_CARD_BYTES:
+            self.failure = "the card is too large"
+            return False
+        return True
+
+    def result(self) -> tuple[Any, str | None]:
+        if self.failure is not None:
+            return None, self.failure
+        try:
+            return msgspec.json.decode(self._body), None
+        except msgspec.DecodeError:
+            return None, "the card is not JSON"
+
+
+def answer_outcome(dispatch_id: str, status: int, body: bytes) -> Outcome:
+    """A hosted agent's whole (non-streamed) answer: `200 {"result": any}` or an error body."""
+    try:
+        document = msgspec.json.decode(body) if body else None
+    except msgspec.DecodeError:
+        document = None
+    if status == 200 and isinstance(document, dict) and "result" in document:
+        return Outcome(dispatch_id, result=document["result"])
+    code, message = "DISPATCH_FAILED", f"the hosted agent answered HTTP {status}"
+    if isinstance(document, dict) and isinstance(document.get("error"), dict):
+        error = document["error"]
+        if isinstance(error.get("code"), str) and error["code"]:
+            code = error["code"]
+            message = error.get("message") if isinstance(error.get("message"), str) else None
+    return Outcome(dispatch_id, code=code, message=message)
+
+
+def event_outcome(dispatch_id: str, name: str, data: str,
+                  on_chunk: Callable[[Any], object] | None) -> Outcome | None:
+    """One SSE event of a hosted answer: a chunk (passed on), or the terminal outcome."""
+    try:
+        document = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return Outcome(dispatch_id, code="DISPATCH_FAILED",
+                       message="the hosted agent streamed an event that is not JSON")
+    if name == "chunk":
+        if on_chunk is not None:
+            on_chunk(document.get("data") if isinstance(document, dict) else document)
+        return None
+    if name == "result" and isinstance(document, dict):
+        return Outcome(dispatch_id, result=document.get("result"))
+    if name == "error":
+        return answer_outcome(dispatch_id, 0, data.encode())
+    return None
+
+
+def _unreachable(dispatch: Dispatch, dispatch_id: str, exc: BaseException) -> Outcome:
+    """A hosted dispatch that got no answer: past its deadline, or the agent unreachable."""
+    if isinstance(exc, TimeoutError):
+        return Outcome(dispatch_id, code="DEADLINE_EXCEEDED",
+                       message="the hosted agent did not answer in time")
+    reason = probe_reason(exc)
+    log.info("hosted dispatch to %s failed: %s", dispatch.lease.instance_id, reason)
+    return Outcome(dispatch_id, code="AGENT_DISCONNECTED",
+                   message=f"the hosted agent could not be reached ({reason})")
+
+
+def probe_reason(exc: BaseException) -> str:
+    """Our own short words for a failed probe (never the peer's text)."""
+    import httpx
+
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
+        return "timed out"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect"
+    if isinstance(exc, ssl.SSLError) or "SSL" in type(exc).__name__:
+        return "TLS failed"
+    if isinstance(exc, httpx.HTTPError):
+        return "HTTP failure"
+    return "failed"
+
+
+# -- asyncio and anyio -------------------------------------------------------------------------
+
+
+class AsyncMesh:
+    """The mesh on `svantic_adapters.asyncio` or `.anyio` (asyncio or trio).
+
+    `async with AsyncMesh(parts, server)`: `server` is the adapter's `MeshServer`, made with
+    `http_app=mesh.http_app` and the callbacks of `parts` (see `svantic_mesh.run`)."""
+
+    def __init__(self, parts: MeshParts) -> None:
+        import anyio
+        import httpx
+
+        self.parts = parts
+        self.server: Any = None
+        self._anyio = anyio
+        self._client = httpx.AsyncClient(verify=parts.settings.hosted_verify,
+                                         follow_redirects=False, trust_env=False)
+        self._group: Any = None
+        self._wakes: set[Any] = set()
+        self._closing = False
+
+    def attach(self, server: Any) -> None:
+        self.server = server
+        server.on_event = self._on_event
+
+    async def __aenter__(self) -> AsyncMesh:
+        self._group = self._anyio.create_task_group()
+        await self._group.__aenter__()
+        self._group.start_soon(self._ticker)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._closing = True
+        for wake in list(self._wakes):
+            wake.set()
+        self._group.cancel_scope.cancel()
+        await self._group.__aexit__(None, None, None)
+        await self._client.aclose()
+
+    # -- timers ---------------------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        """The fleet's one timer (missed heartbeats), and the event-loop lag it observes."""
+        fleet, metrics = self.parts.fleet, self.parts.metrics
+        while True:
+            now = time.monotonic()
+            deadline = fleet.next_deadline()
+            delay = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            await self._anyio.sleep(delay)
+            metrics.loop_lag(max(0.0, time.monotonic() - now - delay))
+            fleet.tick(time.monotonic(), time.time())
+            self._close_gone()
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    async def http_app(self, request: HttpRequest, responder: Any) -> None:
+        parts = self.parts
+        effect = parts.control.handle(request, now=time.monotonic(), wall=time.time())
+        if isinstance(effect, Response):
+            responder.respond(effect.status, effect.headers, effect.body)
+            self._close_gone()
+        elif isinstance(effect, Dispatch):
+            await self._dispatch_http(effect, responder)
+        elif isinstance(effect, ProbeCard):
+            card, error = await self._probe(effect.card_url)
+            answer = parts.probe_finished(effect, card, error)
+            responder.respond(answer.status, answer.headers, answer.body)
+        elif isinstance(effect, Subscribe):
+            await self._stream_events(effect, responder)
+
+    async def _dispatch_http(self, dispatch: Dispatch, responder: Any) -> None:
+        if not dispatch.stream:
+            outcome = await self.perform(dispatch, None)
+            answer = self.parts.finish_http(dispatch, outcome)
+            responder.respond(answer.status, answer.headers, answer.body)
+            return
+        responder.start(200, _SSE_HEADERS)
+        seq = 0
+
+        def on_chunk(data: Any) -> None:
+            nonlocal seq
+            responder.send(sse_chunk(data, seq))
+            seq += 1
+
+        outcome = await self.perform(dispatch, on_chunk)
+        self.parts.finish_http(dispatch, outcome)
+        responder.send(sse_result(dispatch, dispatch_id=outcome.dispatch_id,
+                                  result=outcome.result, code=outcome.code,
+                                  message=outcome.message))
+        responder.end()
+
+    async def perform(self, dispatch: Dispatch,
+                      on_chunk: Callable[[Any], object] | None) -> Outcome:
+        """Carry one routed dispatch to its agent, over its socket or by HTTPS."""
+        dispatch_id = self.parts.ids.new_id()
+        if dispatch.transport == "callback":
+            return await self._post(dispatch, dispatch_id, on_chunk)
+        try:
+            result = await self.server.dispatch(
+                dispatch.lease.instance_id, dispatch.capability, dispatch.arguments,
+                deadline_ms=dispatch.deadline_ms, on_chunk=on_chunk,
+                session_context=self.parts.session_context(dispatch.session_context),
+                dispatch_id=dispatch_id)
+        except DispatchError as exc:
+            code = "AGENT_DISCONNECTED" if exc.code == "AGENT_UNAVAILABLE" else exc.code
+            return Outcome(dispatch_id, code=code, message=exc.message)
+        except LocalProtocolError:  # the agent asked to close after it was routed
+            return Outcome(dispatch_id, code="AGENT_UNAVAILABLE",
+                           message="the agent is closing: try again")
+        return Outcome(dispatch_id, result=result)
+
+    async def _post(self, dispatch: Dispatch, dispatch_id: str,
+                    on_chunk: Callable[[Any], object] | None) -> Outcome:
+        try:
+            body = self.parts.hosted_body(dispatch, dispatch_id)
+        except Exception:  # spec 7: no envelope, no request
+            log.warning("dispatch auth could not be minted for %s", dispatch.lease.instance_id)
+            return Outcome(dispatch_id, code="AGENT_UNHEALTHY",
+                           message="dispatch auth could not be minted")
+        accept = "text/event-stream" if on_chunk is not None else "application/json"
+        headers = {"content-type": "application/json", "accept": accept}
+        try:
+            with self._anyio.fail_after(dispatch.deadline_ms / 1000):
+                async with self._client.stream("POST", f"{dispatch.url}/send", content=body,
+                                               headers=headers) as answer:
+                    reader = HostedAnswer(dispatch_id, answer.status_code,
+                                          answer.headers.get("content-type", ""), on_chunk)
+                    async for piece in answer.aiter_bytes():
+                        if (outcome := reader.feed(piece)) is not None:
+                            return outcome
+                    return reader.end()
+        except Exception as exc:
+            return _unreachable(dispatch, dispatch_id, exc)
+
+    async def _probe(self, card_url: str) -> tuple[Any, str | None]:
+        try:
+            with self._anyio.fail_after(self.parts.settings.probe_timeout):
+                async with self._client.stream("GET", card_url) as answer:
+                    probe = CardProbe(answer.status_code)
+                    if probe.failure is None:
+                        async for piece in answer.aiter_bytes():
+                            if not probe.feed(piece):
+                                break
+        except Exception as exc:
+            return None, probe_reason(exc)
+        return probe.result()
+
+    async def _stream_events(self, effect: Subscribe, responder: Any) -> None:
+        anyio = self._anyio
+        wake = anyio.Event()
+
+        def notify() -> None:
+            wake.set()
+
+        try:
+            subscription = self.parts.events.subscribe(effect.tenant_id, notify=notify)
+        except TooManySubscribers:
+            answer = error_response(503, "TOO_MANY_SUBSCRIBERS",
+                                    "too many event streams: try again later")
+            responder.respond(answer.status, answer.headers, answer.body)
+            return
+        holder = _Wake(wake)
+        self._wakes.add(holder)
+        responder.start(200, _SSE_HEADERS)
+        responder.send(KEEPALIVE)
+        try:
+            while not responder.closed and not self._closing:
+                self._send_events(subscription, responder)
+                if subscription.overflowed:
+                    break
+                with anyio.move_on_after(self.parts.settings.keepalive_interval) as scope:
+                    await wake.wait()
+                wake = anyio.Event()
+                holder.event = wake
+                if scope.cancelled_caught:
+                    responder.send(KEEPALIVE)
+        finally:
+            self._wakes.discard(holder)
+            subscription.close()
+            if not responder.closed:
+                responder.end()
+
+    @staticmethod
+    def _send_events(subscription: Subscription, responder: Any) -> None:
+        for event in subscription.drain():
+            responder.send(event)
+
+    # -- agents ---------------------------------------------------------------------------------
+
+    def _on_event(self, handle: Any, event: Any) -> None:
+        if self.parts.agent_event(handle, event, self.server.agents):
+            if self._group is not None:
+                self._group.start_soon(self._tool_call, handle, event)
+        elif type(event) is not HeartbeatReceived:
+            self._close_gone()
+
+    async def _tool_call(self, handle: Any, event: ToolCallReceived) -> None:
+        parts = self.parts
+        caller = handle.instance_id
+        try:
+            route = parts.fleet.begin_tool_call(
+                caller, event.call_id, tool=event.tool, agent_type=event.agent_type,
+                instance_id=event.instance_id, session_id=event.session_id,
+                deadline_ms=event.deadline_ms, now=time.monotonic())
+        except RouteError as exc:
+            _answer_tool(handle, event.call_id, None, exc.code, exc.message)
+            return
+        dispatch = parts.tool_dispatch(route, event)
+        outcome = await self.perform(dispatch, None)
+        parts.fleet.end_tool_call(route, code=outcome.code, message=outcome.message,
+                                  seconds=time.monotonic() - dispatch.started,
+                                  now=time.monotonic(), wall=time.time())
+        _answer_tool(handle, event.call_id, outcome.result, outcome.code, outcome.message)
+
+    def _close_gone(self) -> None:
+        _close_gone(self.parts, self.server)
+
+
+class _Wake:
+    __slots__ = ("event",)
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+
+    def set(self) -> None:
+        self.event.set()
+
+
+def _answer_tool(handle: Any, call_id: str, result: Any, code: str | None,
+                 message: str | None) -> None:
+    conn = handle.conn
+    try:
+        if code is None:
+            conn.send_tool_result(call_id, result)
+        else:
+            conn.send_tool_result(call_id, error=(code, message or code))
+    except SvanticError as exc:  # the caller's connection went away meanwhile
+        log.info("tool result for %s not sent: %s", call_id, exc)
+        return
+    handle.link.pump.service()
+
+
+def _close_gone(parts: MeshParts, server: Any) -> None:
+    """Close the socket of every instance deregistered since the last look."""
+    gone = parts.fleet.gone
+    if not gone or server is None:
+        return
+    parts.fleet.gone = []
+    agents = server.agents
+    for instance_id in gone:
+        handle = agents.get(instance_id)
+        if handle is None:
+            continue
+        try:
+            handle.conn.close(1001, "instance deregistered", now=server._now())
+        except SvanticError:
+            continue
+        handle.link.pump.service()
+        log.info("agent %s: socket closed, the instance was deregistered", instance_id)
+
+
+# -- gevent -------------------------------------------------------------------------------------
+
+
+class GeventMesh:
+    """The mesh on `svantic_adapters.gevent`: the same steps as `AsyncMesh`, blocking in
+    greenlets (httpx's blocking client on gevent's patched sockets)."""
+
+    def __init__(self, parts: MeshParts) -> None:
+        import gevent
+        import httpx
+
+        self.parts = parts
+        self.server: Any = None
+        self._gevent = gevent
+        self._client = httpx.Client(verify=parts.settings.hosted_verify,
+                                    follow_redirects=False, trust_env=False)
+        self._ticker_greenlet: Any = None
+        self._wakes: set[Any] = set()
+        self._closing = False
+
+    def attach(self, server: Any) -> None:
+        self.server = server
+        server.on_event = self._on_event
+
+    def start(self) -> None:
+        self._ticker_greenlet = self._gevent.spawn(self._ticker)
+
+    def stop(self) -> None:
+        self._closing = True
+        for wake in list(self._wakes):
+            wake.set()
+        if self._ticker_greenlet is not None:
+            self._ticker_greenlet.kill()
+        self._client.close()
+
+    def _ticker(self) -> None:
+        fleet, metrics = self.parts.fleet, self.parts.metrics
+        while True:
+            now = time.monotonic()
+            deadline = fleet.next_deadline()
+            delay = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            self._gevent.sleep(delay)
+            metrics.loop_lag(max(0.0, time.monotonic() - now - delay))
+            fleet.tick(time.monotonic(), time.time())
+            _close_gone(self.parts, self.server)
+
+    def http_app(self, request: HttpRequest, responder: Any) -> None:
+        parts = self.parts
+        effect = parts.control.handle(request, now=time.monotonic(), wall=time.time())
+        if isinstance(effect, Response):
+            responder.respond(effect.status, effect.headers, effect.body)
+            _close_gone(parts, self.server)
+        elif isinstance(effect, Dispatch):
+            if not effect.stream:
+                outcome = self.perform(effect, None)
+                answer = parts.finish_http(effect, outcome)
+                responder.respond(answer.status, answer.headers, answer.body)
+                return
+            responder.start(200, _SSE_HEADERS)
+            seq = [0]
+
+            def on_chunk(data: Any) -> None:
+                responder.send(sse_chunk(data, seq[0]))
+                seq[0] += 1
+
+            outcome = self.perform(effect, on_chunk)
+            parts.finish_http(effect, outcome)
+            responder.send(sse_result(effect, dispatch_id=outcome.dispatch_id,
+                                      result=outcome.result, code=outcome.code,
+                                      message=outcome.message))
+            responder.end()
+        elif isinstance(effect, ProbeCard):
+            card, error = self._probe(effect.card_url)
+            answer = parts.probe_finished(effect, card, error)
+            responder.respond(answer.status, answer.headers, answer.body)
+        elif isinstance(effect, Subscribe):
+            self._stream_events(effect, responder)
+
+    def perform(self, dispatch: Dispatch, on_chunk: Callable[[Any], object] | None) -> Outcome:
+        dispatch_id = self.parts.ids.new_id()
+        if dispatch.transport == "callback":
+            return self._post(dispatch, dispatch_id, on_chunk)
+        try:
+            result = self.server.dispatch(
+                dispatch.lease.instance_id, dispatch.capability, dispatch.arguments,
+                deadline_ms=dispatch.deadline_ms, on_chunk=on_chunk,
+                session_context=self.parts.session_context(dispatch.session_context),
+                dispatch_id=dispatch_id)
+        except DispatchError as exc:
+            code = "AGENT_DISCONNECTED" if exc.code == "AGENT_UNAVAILABLE" else exc.code
+            return Outcome(dispatch_id, code=code, message=exc.message)
+        except LocalProtocolError:
+            return Outcome(dispatch_id, code="AGENT_UNAVAILABLE",
+                           message="the agent is closing: try again")
+        return Outcome(dispatch_id, result=result)
+
+    def _post(self, dispatch: Dispatch, dispatch_id: str,
+              on_chunk: Callable[[Any], object] | None) -> Outcome:
+        try:
+            body = self.parts.hosted_body(dispatch, dispatch_id)
+        except Exception:
+            log.warning("dispatch auth could not be minted for %s", dispatch.lease.instance_id)
+            return Outcome(dispatch_id, code="AGENT_UNHEALTHY",
+                           message="dispatch auth could not be minted")
+        accept = "text/event-stream" if on_chunk is not None else "application/json"
+        headers = {"content-type": "application/json", "accept": accept}
+        try:
+            with self._gevent.Timeout(dispatch.deadline_ms / 1000, TimeoutError), \
+                    self._client.stream("POST", f"{dispatch.url}/send", content=body,
+                                        headers=headers) as answer:
+                reader = HostedAnswer(dispatch_id, answer.status_code,
+                                      answer.headers.get("content-type", ""), on_chunk)
+                for piece in answer.iter_bytes():
+                    if (outcome := reader.feed(piece)) is not None:
+                        return outcome
+                return reader.end()
+        except Exception as exc:
+            return _unreachable(dispatch, dispatch_id, exc)
+
+    def _probe(self, card_url: str) -> tuple[Any, str | None]:
+        try:
+            with self._gevent.Timeout(self.parts.settings.probe_timeout, TimeoutError), \
+                    self._client.stream("GET", card_url) as answer:
+                probe = CardProbe(answer.status_code)
+                if probe.failure is None:
+                    for piece in answer.iter_bytes():
+                        if not probe.feed(piece):
+                            break
+        except Exception as exc:
+            return None, probe_reason(exc)
+        return probe.result()
+
+    def _stream_events(self, effect: Subscribe, responder: Any) -> None:
+        import gevent.event
+
+        wake = gevent.event.Event()
+        try:
+            subscription = self.parts.events.subscribe(effect.tenant_id, notify=wake.set)
+        except TooManySubscribers:
+            answer = error_response(503, "TOO_MANY_SUBSCRIBERS",
+                                    "too many event streams: try again later")
+            responder.respond(answer.status, answer.headers, answer.body)
+            return
+        self._wakes.add(wake)
+        responder.start(200, _SSE_HEADERS)
+        responder.send(KEEPALIVE)
+        try:
+            while not responder.closed and not self._closing:
+                for event in subscription.drain():
+                    responder.send(event)
+                if subscription.overflowed:
+                    break
+                woke = wake.wait(self.parts.settings.keepalive_interval)
+                wake.clear()
+                if not woke:
+                    responder.send(KEEPALIVE)
+        finally:
+            self._wakes.discard(wake)
+            subscription.close()
+            if not responder.closed:
+                responder.end()
+
+    def _on_event(self, handle: Any, event: Any) -> None:
+        if self.parts.agent_event(handle, event, self.server.agents):
+            self._gevent.spawn(self._tool_call, handle, event)
+        elif type(event) is not HeartbeatReceived:
+            _close_gone(self.parts, self.server)
+
+    def _tool_call(self, handle: Any, event: ToolCallReceived) -> None:
+        parts = self.parts
+        try:
+            route = parts.fleet.begin_tool_call(
+                handle.instance_id, event.call_id, tool=event.tool,
+                agent_type=event.agent_type, instance_id=event.instance_id,
+                session_id=event.session_id, deadline_ms=event.deadline_ms,
+                now=time.monotonic())
+        except RouteError as exc:
+            _answer_tool(handle, event.call_id, None, exc.code, exc.message)
+            return
+        dispatch = parts.tool_dispatch(route, event)
+        outcome = self.perform(dispatch, None)
+        parts.fleet.end_tool_call(route, code=outcome.code, message=outcome.message,
+                                  seconds=time.monotonic() - dispatch.started,
+                                  now=time.monotonic(), wall=time.time())
+        _answer_tool(handle, event.call_id, outcome.result, outcome.code, outcome.message)
+

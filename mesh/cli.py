@@ -1,0 +1,248 @@
+"""The `svantic` command.
+
+  svantic mesh   run the reference mesh (control plane, agents' sockets, dashboard) over TLS
+  svantic call   call a capability through a mesh's `POST /agents/dispatch`
+  svantic demo   one mesh and one agent in one process, over real TLS on 127.0.0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from svantic_proto import __version__
+
+ADAPTERS = ("asyncio", "anyio", "trio", "gevent")
+ENV_URL = "SVANTIC_URL"
+ENV_CLIENT_ID = "SVANTIC_CLIENT_ID"
+ENV_CLIENT_SECRET = "SVANTIC_CLIENT_SECRET"
+ENV_CA = "SVANTIC_CA_FILE"
+
+
+def _client_spec(text: str) -> tuple[str, str, str]:
+    parts = text.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise argparse.ArgumentTypeError("expected ID:SECRET:TENANT")
+    return parts[0], parts[1], parts[2]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="svantic", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"svantic-proto {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    mesh = commands.add_parser("mesh", help="run the reference mesh over TLS")
+    mesh.add_argument("--host", default="127.0.0.1")
+    mesh.add_argument("--port", type=int, default=8443)
+    mesh.add_argument("--certfile", help="PEM certificate chain (default: a local CA's)")
+    mesh.add_argument("--keyfile", help="PEM private key of --certfile")
+    mesh.add_argument("--db", default="svantic-mesh.db",
+                      help="SQLite file (or :memory:); secrets and the local CA live beside it")
+    mesh.add_argument("--client", action="append", type=_client_spec, default=[],
+                      metavar="ID:SECRET:TENANT", help="an API client (repeatable)")
+    mesh.add_argument("--policy", choices=("open", "allow-list", "audit"), default=None,
+                      help="registration policy of the clients' tenants")
+    mesh.add_argument("--adapter", choices=ADAPTERS, default="asyncio")
+    mesh.add_argument("--grace", type=float, default=10.0,
+                      help="seconds agents get to finish on Ctrl-C")
+    mesh.add_argument("--no-dispatch-auth", action="store_true",
+                      help="send dispatches without spec 7 envelopes (agents must agree)")
+    mesh.add_argument("--trust-ca", help="CA file to trust for hosted agents' HTTPS")
+
+    call = commands.add_parser("call", help="call a capability through a mesh")
+    call.add_argument("capability")
+    call.add_argument("arguments", nargs="?", default="{}", help="JSON object")
+    call.add_argument("--agent-type")
+    call.add_argument("--instance")
+    call.add_argument("--stream", action="store_true", help="print chunks as they arrive")
+    call.add_argument("--deadline-ms", type=int)
+    call.add_argument("--url", default=os.environ.get(ENV_URL, "https://127.0.0.1:8443"),
+                      help=f"the mesh (env {ENV_URL})")
+    call.add_argument("--client-id", default=os.environ.get(ENV_CLIENT_ID),
+                      help=f"env {ENV_CLIENT_ID}")
+    call.add_argument("--client-secret", default=os.environ.get(ENV_CLIENT_SECRET),
+                      help=f"env {ENV_CLIENT_SECRET}")
+    call.add_argument("--ca", default=os.environ.get(ENV_CA),
+                      help=f"CA file that signed the mesh's certificate (env {ENV_CA})")
+
+    demo = commands.add_parser("demo", help="mesh + agent + dispatches over TLS on 127.0.0.1")
+    demo.add_argument("--adapter", choices=("asyncio", "anyio", "gevent"), default="asyncio")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from svantic_adapters import cli as adapters_cli
+
+        return adapters_cli.main(["demo", "--adapter", args.adapter])
+    if args.command == "call":
+        return call(args)
+    return mesh(args)
+
+
+def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    if args.adapter == "gevent":
+        from gevent import monkey
+
+        monkey.patch_all()
+    import ssl
+
+    from .registry import SqliteRegistry
+    from .serve import DEV_CLIENT, DEV_TENANT, MeshHome, make_parts, serve, server_context
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if bool(args.certfile) != bool(args.keyfile):
+        print("svantic mesh: --certfile and --keyfile go together", file=sys.stderr)
+        return 2
+    home = MeshHome.for_db(args.db)
+    secrets = home.secrets()
+    registry = SqliteRegistry(home.db, secret_key=secrets["encryption_key"])
+    clients = list(args.client)
+    if not clients:
+        clients = [(DEV_CLIENT, secrets["dev_secret"], DEV_TENANT)]
+        out(f"development client: id {DEV_CLIENT}  secret {secrets['dev_secret']}  "
+            f"tenant {DEV_TENANT}")
+    for client_id, secret, tenant in clients:
+        registry.add_client(client_id, secret, tenant)
+        if args.policy is not None:
+            registry.set_policy_mode(tenant, args.policy)
+    if args.certfile:
+        context = server_context(args.certfile, args.keyfile)
+    else:
+        ca_file, cert_file, key_file = home.certificate()
+        context = server_context(cert_file, key_file)
+        out(f"local CA (trust it in clients): {ca_file}")
+    hosted_verify: ssl.SSLContext | bool = True
+    if args.trust_ca:
+        hosted_verify = ssl.create_default_context(cafile=args.trust_ca)
+
+    def parts_factory(public_url: str) -> Any:
+        return make_parts(registry, public_url, secrets,
+                          dispatch_auth_enabled=not args.no_dispatch_auth,
+                          hosted_verify=hosted_verify)
+
+    def ready(host: str, port: int) -> None:
+        url = f"https://{host}:{port}"
+        out(f"svantic mesh listening on {url} (dashboard: {url}/dashboard)")
+        sys.stdout.flush()
+
+    try:
+        serve(adapter=args.adapter, parts_factory=parts_factory, host=args.host, port=args.port,
+              ssl_context=context, grace=args.grace, ready=ready,
+              dispatch_auth_enabled=not args.no_dispatch_auth)
+    except OSError as exc:
+        print(f"svantic mesh: cannot listen on {args.host}:{args.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def call(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    """Get a token, call `/agents/dispatch`, print chunks as they arrive and the result."""
+    import httpx
+
+    try:
+        arguments = json.loads(args.arguments)
+    except json.JSONDecodeError as exc:
+        print(f"svantic call: the arguments are not JSON: {exc.msg}", file=sys.stderr)
+        return 2
+    if not isinstance(arguments, dict):
+        print("svantic call: the arguments must be a JSON object", file=sys.stderr)
+        return 2
+    if not args.client_id or not args.client_secret:
+        print(f"svantic call: give --client-id and --client-secret (or {ENV_CLIENT_ID} and "
+              f"{ENV_CLIENT_SECRET})", file=sys.stderr)
+        return 2
+    verify: Any = True
+    if args.ca:
+        import ssl
+
+        if not Path(args.ca).exists():
+            print(f"svantic call: no CA file {args.ca}", file=sys.stderr)
+            return 2
+        verify = ssl.create_default_context(cafile=args.ca)
+    body: dict[str, Any] = {"capability": args.capability, "arguments": arguments}
+    for key, value in (("agent_type", args.agent_type), ("instance_id", args.instance),
+                       ("deadline_ms", args.deadline_ms)):
+        if value is not None:
+            body[key] = value
+    base = args.url.rstrip("/")
+    try:
+        with httpx.Client(verify=verify, timeout=httpx.Timeout(10.0, read=None),
+                          trust_env=False) as client:
+            answer = client.post(f"{base}/auth/token", json={
+                "client_id": args.client_id, "client_secret": args.client_secret})
+            if answer.status_code != 200:
+                return _failed(answer.status_code, answer.content)
+            token = answer.json()["access_token"]
+            headers = {"authorization": f"Bearer {token}"}
+            if not args.stream:
+                answer = client.post(f"{base}/agents/dispatch", json=body, headers=headers)
+                if answer.status_code != 200:
+                    return _failed(answer.status_code, answer.content)
+                out(json.dumps(answer.json()["result"]))
+                return 0
+            headers["accept"] = "text/event-stream"
+            with client.stream("POST", f"{base}/agents/dispatch", json=body,
+                               headers=headers) as answer:
+                if answer.status_code != 200:
+                    return _failed(answer.status_code, answer.read())
+                return _print_stream(answer.iter_lines(), out)
+    except httpx.HTTPError as exc:
+        print(f"svantic call: {base}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _print_stream(lines: Any, out: Callable[[str], None]) -> int:
+    event, data = "message", []
+    for line in lines:
+        if line.startswith(":"):
+            continue
+        if line:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+            continue
+        if not data:
+            continue
+        document = json.loads("\n".join(data))
+        if event == "chunk":
+            out(f"chunk {document.get('seq')}: {json.dumps(document.get('data'))}")
+        elif event == "result":
+            out(json.dumps(document.get("result")))
+            return 0
+        elif event == "error":
+            error = document.get("error", {})
+            print(f"svantic call: {error.get('code')}: {error.get('message')}", file=sys.stderr)
+            return 1
+        event, data = "message", []
+    print("svantic call: the stream ended without a result", file=sys.stderr)
+    return 1
+
+
+def _failed(status: int, body: bytes) -> int:
+    try:
+        error = json.loads(body)["error"]
+        text = f"{error['code']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        text = "(no error body)"
+    print(f"svantic call: HTTP {status} {text}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,670 @@
+"""The mesh's durable state: API clients, tenant policy, registered instances and sessions.
+
+`Registry` is the narrow interface the control plane and the router depend on, so a server
+database can replace the embedded one without touching them. `SqliteRegistry` is the
+embedded implementation: one file (or memory), the standard library's `sqlite3`, and
+synchronous calls, because SQLite answers in microseconds and a thread hop per call would
+cost more than the query.
+
+Two kinds of secret pass through here and neither is ever stored in the clear:
+
+* an API client's secret is only ever compared, so only a slow salted hash (scrypt) is kept;
+* an instance's dispatch shared secret must be handed back to mint dispatch envelopes, so it
+  is encrypted with AES-256-GCM under the mesh's key, bound to its tenant and instance so a
+  ciphertext copied to another row does not decrypt there.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final, Protocol, Self, runtime_checkable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .model import CONNECTION_STATUSES, POLICY_MODES, ROUTING_STATUSES, InstanceRow
+
+__all__ = [
+    "MIGRATIONS",
+    "UNSET",
+    "InstanceConflict",
+    "Registry",
+    "RegistryError",
+    "SecretUnavailable",
+    "SqliteRegistry",
+    "Unset",
+]
+
+log = logging.getLogger("svantic.mesh.registry")
+
+
+class RegistryError(Exception):
+    """The registry cannot do what was asked for a reason the caller should surface, not
+    retry: an unknown schema, a damaged file, a conflicting write."""
+
+
+class SecretUnavailable(RegistryError):
+    """A stored instance secret failed authentication, so no dispatch can be authenticated
+    with it; the mesh must fail that dispatch closed rather than send it unauthenticated."""
+
+
+class InstanceConflict(RegistryError):
+    """An instance id is already registered by another tenant. Instance ids are global, so
+    letting an upsert move a row across tenants would let one tenant hijack another's
+    instance (and its routing)."""
+
+
+class Unset(enum.Enum):
+    """The type of `UNSET`: a keyword left out, as opposed to one given as None (which for
+    some fields means "clear it")."""
+
+    UNSET = "UNSET"
+
+
+UNSET: Final = Unset.UNSET
+
+_SECRET_AAD_PREFIX: Final = b"svantic-instance-secret\0"
+_NONCE_LEN: Final = 12
+_TAG_LEN: Final = 16
+_SCRYPT_R: Final = 8
+_SCRYPT_P: Final = 1
+_SCRYPT_SALT_LEN: Final = 16
+_SCRYPT_DKLEN: Final = 32
+
+MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: the first schema. Tenants exist so every other table can reference one; the
+    # secrets live in their own columns so no query that lists rows ever reads them.
+    """
+    CREATE TABLE tenants (
+        tenant_id   TEXT PRIMARY KEY,
+        policy_mode TEXT NOT NULL DEFAULT 'open'
+    );
+    CREATE TABLE api_clients (
+        client_id   TEXT PRIMARY KEY,
+        tenant_id   TEXT NOT NULL REFERENCES tenants(tenant_id),
+        secret_hash TEXT NOT NULL
+    );
+    CREATE TABLE allowed_types (
+        tenant_id  TEXT NOT NULL REFERENCES tenants(tenant_id),
+        agent_type TEXT NOT NULL,
+        PRIMARY KEY (tenant_id, agent_type)
+    ) WITHOUT ROWID;
+    CREATE TABLE instances (
+        instance_id             TEXT PRIMARY KEY,
+        tenant_id               TEXT NOT NULL REFERENCES tenants(tenant_id),
+        agent_type              TEXT NOT NULL,
+        deployment_mode         TEXT NOT NULL,
+        url                     TEXT,
+        dispatch_auth_type      TEXT NOT NULL,
+        credentials_ref         TEXT,
+        agent_card              TEXT,
+        tools                   TEXT NOT NULL,
+        mcp_servers             TEXT,
+        max_concurrent_sessions INTEGER NOT NULL,
+        routing_status          TEXT NOT NULL,
+        connection_status       TEXT NOT NULL,
+        last_heartbeat_at       REAL,
+        last_dispatch_error     TEXT,
+        registered_at           REAL NOT NULL,
+        secret_ciphertext       BLOB
+    );
+    CREATE INDEX instances_by_tenant ON instances (tenant_id, instance_id);
+    CREATE INDEX instances_by_type ON instances (tenant_id, agent_type, instance_id);
+    CREATE TABLE sessions (
+        session_id TEXT PRIMARY KEY,
+        tenant_id  TEXT NOT NULL REFERENCES tenants(tenant_id),
+        agent_type TEXT,
+        metadata   TEXT,
+        created_at REAL NOT NULL,
+        closed_at  REAL
+    );
+    """,
+)
+"""Schema steps, applied in order; step i brings `PRAGMA user_version` to i + 1. Append
+only: an applied step is never edited, since databases already past it would not rerun it."""
+
+
+@runtime_checkable
+class Registry(Protocol):
+    """What the mesh needs from its store. Synchronous: the mesh calls it from its event
+    loop, so an implementation must answer quickly (an embedded database, or a pool with
+    short queries)."""
+
+    def close(self) -> None: ...
+
+    # API clients and tenants
+    def add_client(self, client_id: str, client_secret: str, tenant_id: str) -> None: ...
+    def verify_client(self, client_id: str, client_secret: str) -> str | None: ...
+    def policy_mode(self, tenant_id: str) -> str: ...
+    def set_policy_mode(self, tenant_id: str, mode: str) -> None: ...
+    def allowed_types(self, tenant_id: str) -> frozenset[str]: ...
+    def allow_type(self, tenant_id: str, agent_type: str) -> None: ...
+
+    # Instances
+    def put_instance(self, row: InstanceRow, *, secret: str | None = None) -> None: ...
+    def get_instance(self, instance_id: str) -> InstanceRow | None: ...
+    def delete_instance(self, instance_id: str) -> bool: ...
+    def list_instances(
+        self,
+        tenant_id: str | None = None,
+        *,
+        agent_type: str | None = None,
+        routing_status: str | None = None,
+        connection_status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[InstanceRow]: ...
+    def update_status(
+        self,
+        instance_id: str,
+        *,
+        routing_status: str | Unset = UNSET,
+        connection_status: str | Unset = UNSET,
+        last_heartbeat_at: float | Unset | None = UNSET,
+        last_dispatch_error: dict[str, Any] | Unset | None = UNSET,
+    ) -> bool: ...
+    def instance_secret(self, instance_id: str) -> str | None: ...
+
+    # Sessions
+    def create_session(
+        self,
+        session_id: str,
+        tenant_id: str,
+        agent_type: str | None,
+        metadata: dict[str, Any] | None,
+        now: float,
+    ) -> None: ...
+    def close_session(self, tenant_id: str, session_id: str, now: float) -> bool: ...
+    def get_session(self, session_id: str) -> dict[str, Any] | None: ...
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _scrypt(secret: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+    # OpenSSL's default memory cap (32 MiB) refuses n >= 2**15 at r=8; allow what the
+    # parameters need, so a stronger stored cost still verifies.
+    maxmem = 130 * n * r * p + (1 << 20)
+    return hashlib.scrypt(
+        secret.encode("utf-8"), salt=salt, n=n, r=r, p=p, maxmem=maxmem, dklen=_SCRYPT_DKLEN
+    )
+
+
+def _json_or_none(value: Any) -> str | None:
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _load_json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+def _secret_aad(tenant_id: str, instance_id: str) -> bytes:
+    # Binding the ciphertext to its row means a copied or moved BLOB fails authentication
+    # instead of handing tenant A's secret to a dispatch for tenant B's instance.
+    return (
+        _SECRET_AAD_PREFIX + tenant_id.encode("utf-8") + b"\0" + instance_id.encode("utf-8")
+    )
+
+
+def _check_status(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+_INSTANCE_COLUMNS: Final = (
+    "instance_id, tenant_id, agent_type, deployment_mode, url, dispatch_auth_type, "
+    "credentials_ref, agent_card, tools, mcp_servers, max_concurrent_sessions, "
+    "routing_status, connection_status, last_heartbeat_at, last_dispatch_error, "
+    "registered_at, secret_ciphertext IS NOT NULL"
+)
+
+
+def _row_to_instance(r: tuple[Any, ...]) -> InstanceRow:
+    return InstanceRow(
+        instance_id=r[0],
+        tenant_id=r[1],
+        agent_type=r[2],
+        deployment_mode=r[3],
+        url=r[4],
+        dispatch_auth_type=r[5],
+        credentials_ref=r[6],
+        agent_card=_load_json(r[7]),
+        tools=_load_json(r[8]) or [],
+        mcp_servers=_load_json(r[9]),
+        max_concurrent_sessions=r[10],
+        routing_status=r[11],
+        connection_status=r[12],
+        last_heartbeat_at=r[13],
+        last_dispatch_error=_load_json(r[14]),
+        registered_at=r[15],
+        has_secret=bool(r[16]),
+    )
+
+
+class SqliteRegistry:
+    """`Registry` on one SQLite file (or ":memory:" for tests and throwaway meshes).
+
+    Every write is its own committed transaction, so what the control plane acknowledged
+    survives a restart. A file runs in WAL mode so readers (the dashboard, stats) never
+    wait on a heartbeat's write.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] = ":memory:",
+        *,
+        secret_key: bytes,
+        scrypt_n: int = 2**14,
+    ) -> None:
+        if not isinstance(secret_key, bytes) or len(secret_key) != 32:
+            raise ValueError("secret_key must be 32 bytes (an AES-256-GCM key)")
+        if scrypt_n < 2 or scrypt_n & (scrypt_n - 1):
+            raise ValueError("scrypt_n must be a power of two greater than 1")
+        self._aead = AESGCM(secret_key)
+        self._scrypt_n = scrypt_n
+        # One connection shared by whichever thread calls (check_same_thread=False); the
+        # lock keeps a transaction from interleaving with another thread's statements.
+        self._lock = threading.RLock()
+        target = os.fspath(path)
+        in_memory = target in (":memory:", "")
+        try:
+            self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise RegistryError(f"cannot open the registry database: {exc}") from exc
+        try:
+            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db.execute("PRAGMA busy_timeout = 5000")
+            if not in_memory:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                # In WAL mode NORMAL is durable across a process crash or restart; only a
+                # power loss can drop the last commits, and it spares the event loop an
+                # fsync per heartbeat.
+                self._db.execute("PRAGMA synchronous = NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise RegistryError(f"the registry database is unusable: {exc}") from exc
+        except BaseException:
+            self._db.close()
+            raise
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database; the last close of a WAL file checkpoints it into the file."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        """The migration step this database is at (`PRAGMA user_version`)."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+
+    def _migrate(self) -> None:
+        current = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        known = len(MIGRATIONS)
+        if current > known:
+            # A newer mesh wrote tables this code does not know; writing to them could
+            # corrupt state the newer code relies on, so refuse rather than guess.
+            raise RegistryError(
+                f"the registry database is at schema version {current}, newer than this "
+                f"version of svantic-mesh supports ({known}); upgrade svantic-mesh"
+            )
+        for version in range(current + 1, known + 1):
+            step = MIGRATIONS[version - 1]
+            # One transaction per step, version bump included, so a failed step leaves
+            # the database at the previous version rather than half-migrated.
+            try:
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE;\n{step}\nPRAGMA user_version = {version};\nCOMMIT;"
+                )
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            log.info("registry schema migrated to version %d", version)
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @staticmethod
+    def _ensure_tenant(db: sqlite3.Connection, tenant_id: str) -> None:
+        db.execute("INSERT OR IGNORE INTO tenants (tenant_id) VALUES (?)", (tenant_id,))
+
+    # -- API clients and tenant policy -----------------------------------------------
+
+    def _hash_secret(self, client_secret: str) -> str:
+        salt = secrets.token_bytes(_SCRYPT_SALT_LEN)
+        digest = _scrypt(client_secret, salt, self._scrypt_n, _SCRYPT_R, _SCRYPT_P)
+        return f"scrypt${self._scrypt_n}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+    def add_client(self, client_id: str, client_secret: str, tenant_id: str) -> None:
+        """Create or replace an API client; replacing re-hashes with a fresh salt."""
+        encoded = self._hash_secret(client_secret)  # slow: outside the write lock
+        with self._tx() as db:
+            self._ensure_tenant(db, tenant_id)
+            db.execute(
+                "INSERT INTO api_clients (client_id, tenant_id, secret_hash) VALUES (?, ?, ?) "
+                "ON CONFLICT (client_id) DO UPDATE SET "
+                "tenant_id = excluded.tenant_id, secret_hash = excluded.secret_hash",
+                (client_id, tenant_id, encoded),
+            )
+
+    def verify_client(self, client_id: str, client_secret: str) -> str | None:
+        """The client's tenant when the secret matches, else None.
+
+        An unknown id costs one hash too, so response time does not tell a caller which
+        client ids exist."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT tenant_id, secret_hash FROM api_clients WHERE client_id = ?",
+                (client_id,),
+            ).fetchone()
+        if found is None:
+            _scrypt(client_secret, bytes(_SCRYPT_SALT_LEN), self._scrypt_n, _SCRYPT_R, _SCRYPT_P)
+            return None
+        tenant_id, encoded = found
+        try:
+            scheme, n, r, p, salt_b64, hash_b64 = str(encoded).split("$")
+            if scheme != "scrypt":
+                raise ValueError(scheme)
+            salt, expected = base64.b64decode(salt_b64), base64.b64decode(hash_b64)
+            actual = _scrypt(client_secret, salt, int(n), int(r), int(p))
+        except ValueError as exc:
+            raise RegistryError(f"the stored hash of client {client_id!r} is malformed") from exc
+        return str(tenant_id) if hmac.compare_digest(actual, expected) else None
+
+    def policy_mode(self, tenant_id: str) -> str:
+        """The tenant's registration policy; a tenant never configured is "open" (seed)."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT policy_mode FROM tenants WHERE tenant_id = ?", (tenant_id,)
+            ).fetchone()
+        return "open" if found is None else str(found[0])
+
+    def set_policy_mode(self, tenant_id: str, mode: str) -> None:
+        _check_status("policy mode", mode, POLICY_MODES)
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO tenants (tenant_id, policy_mode) VALUES (?, ?) "
+                "ON CONFLICT (tenant_id) DO UPDATE SET policy_mode = excluded.policy_mode",
+                (tenant_id, mode),
+            )
+
+    def allowed_types(self, tenant_id: str) -> frozenset[str]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT agent_type FROM allowed_types WHERE tenant_id = ?", (tenant_id,)
+            ).fetchall()
+        return frozenset(str(r[0]) for r in rows)
+
+    def allow_type(self, tenant_id: str, agent_type: str) -> None:
+        with self._tx() as db:
+            self._ensure_tenant(db, tenant_id)
+            db.execute(
+                "INSERT OR IGNORE INTO allowed_types (tenant_id, agent_type) VALUES (?, ?)",
+                (tenant_id, agent_type),
+            )
+
+    # -- instances -------------------------------------------------------------------
+
+    def put_instance(self, row: InstanceRow, *, secret: str | None = None) -> None:
+        """Create or replace an instance, and its stored secret with `secret`.
+
+        `row.has_secret` is ignored: what is stored decides it. Re-registering without a
+        secret removes the old one, so a switch away from shared_secret leaves none behind.
+        Raises `InstanceConflict` when the id belongs to another tenant.
+        """
+        _check_status("routing_status", row.routing_status, ROUTING_STATUSES)
+        _check_status("connection_status", row.connection_status, CONNECTION_STATUSES)
+        blob: bytes | None = None
+        if secret is not None:
+            nonce = secrets.token_bytes(_NONCE_LEN)
+            aad = _secret_aad(row.tenant_id, row.instance_id)
+            blob = nonce + self._aead.encrypt(nonce, secret.encode("utf-8"), aad)
+        values = (
+            row.instance_id,
+            row.tenant_id,
+            row.agent_type,
+            row.deployment_mode,
+            row.url,
+            row.dispatch_auth_type,
+            row.credentials_ref,
+            _json_or_none(row.agent_card),
+            json.dumps(row.tools, separators=(",", ":")),
+            _json_or_none(row.mcp_servers),
+            row.max_concurrent_sessions,
+            row.routing_status,
+            row.connection_status,
+            row.last_heartbeat_at,
+            _json_or_none(row.last_dispatch_error),
+            row.registered_at,
+            blob,
+        )
+        with self._tx() as db:
+            self._ensure_tenant(db, row.tenant_id)
+            cur = db.execute(
+                "INSERT INTO instances (instance_id, tenant_id, agent_type, deployment_mode, "
+                "url, dispatch_auth_type, credentials_ref, agent_card, tools, mcp_servers, "
+                "max_concurrent_sessions, routing_status, connection_status, "
+                "last_heartbeat_at, last_dispatch_error, registered_at, secret_ciphertext) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (instance_id) DO UPDATE SET "
+                "agent_type = excluded.agent_type, "
+                "deployment_mode = excluded.deployment_mode, url = excluded.url, "
+                "dispatch_auth_type = excluded.dispatch_auth_type, "
+                "credentials_ref = excluded.credentials_ref, "
+                "agent_card = excluded.agent_card, tools = excluded.tools, "
+                "mcp_servers = excluded.mcp_servers, "
+                "max_concurrent_sessions = excluded.max_concurrent_sessions, "
+                "routing_status = excluded.routing_status, "
+                "connection_status = excluded.connection_status, "
+                "last_heartbeat_at = excluded.last_heartbeat_at, "
+                "last_dispatch_error = excluded.last_dispatch_error, "
+                "registered_at = excluded.registered_at, "
+                "secret_ciphertext = excluded.secret_ciphertext "
+                "WHERE instances.tenant_id = excluded.tenant_id",
+                values,
+            )
+            if cur.rowcount != 1:
+                raise InstanceConflict(
+                    f"instance id {row.instance_id!r} is registered by another tenant"
+                )
+
+    def get_instance(self, instance_id: str) -> InstanceRow | None:
+        with self._lock:
+            found = self._db.execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?",
+                (instance_id,),
+            ).fetchone()
+        return None if found is None else _row_to_instance(found)
+
+    def delete_instance(self, instance_id: str) -> bool:
+        """Remove an instance and its secret; False when there was none."""
+        with self._tx() as db:
+            cur = db.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
+            return cur.rowcount > 0
+
+    def list_instances(
+        self,
+        tenant_id: str | None = None,
+        *,
+        agent_type: str | None = None,
+        routing_status: str | None = None,
+        connection_status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[InstanceRow]:
+        """One page of instances ordered by id; pass the last id seen as `after` for the
+        next. Keyset paging stays correct while rows are added or removed between pages.
+        `tenant_id=None` spans every tenant (start-up loading of the router)."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("tenant_id", tenant_id),
+            ("agent_type", agent_type),
+            ("routing_status", routing_status),
+            ("connection_status", connection_status),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")  # column from the fixed list above
+                params.append(value)
+        if after is not None:
+            clauses.append("instance_id > ?")
+            params.append(after)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(limit)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_INSTANCE_COLUMNS} FROM instances{where} "
+                "ORDER BY instance_id LIMIT ?",
+                params,
+            ).fetchall()
+        return [_row_to_instance(r) for r in rows]
+
+    def update_status(
+        self,
+        instance_id: str,
+        *,
+        routing_status: str | Unset = UNSET,
+        connection_status: str | Unset = UNSET,
+        last_heartbeat_at: float | Unset | None = UNSET,
+        last_dispatch_error: dict[str, Any] | Unset | None = UNSET,
+    ) -> bool:
+        """Change only the keywords given (None clears a nullable one), so health and
+        connection code can each write their field without clobbering the other's.
+        False when the instance is unknown."""
+        sets: list[str] = []
+        params: list[Any] = []
+        if not isinstance(routing_status, Unset):
+            _check_status("routing_status", routing_status, ROUTING_STATUSES)
+            sets.append("routing_status = ?")
+            params.append(routing_status)
+        if not isinstance(connection_status, Unset):
+            _check_status("connection_status", connection_status, CONNECTION_STATUSES)
+            sets.append("connection_status = ?")
+            params.append(connection_status)
+        if not isinstance(last_heartbeat_at, Unset):
+            sets.append("last_heartbeat_at = ?")
+            params.append(last_heartbeat_at)
+        if not isinstance(last_dispatch_error, Unset):
+            sets.append("last_dispatch_error = ?")
+            params.append(_json_or_none(last_dispatch_error))
+        if not sets:
+            return self.get_instance(instance_id) is not None
+        params.append(instance_id)
+        with self._tx() as db:
+            cur = db.execute(
+                f"UPDATE instances SET {', '.join(sets)} WHERE instance_id = ?", params
+            )
+            return cur.rowcount > 0
+
+    def instance_secret(self, instance_id: str) -> str | None:
+        """The instance's shared secret in the clear, for minting one dispatch envelope;
+        None when the instance or its secret does not exist.
+
+        Raises `SecretUnavailable` when the stored ciphertext does not authenticate."""
+        with self._lock:
+            found = self._db.execute(
+                "SELECT tenant_id, secret_ciphertext FROM instances WHERE instance_id = ?",
+                (instance_id,),
+            ).fetchone()
+        if found is None or found[1] is None:
+            return None
+        tenant_id, blob = str(found[0]), bytes(found[1])
+        unavailable = SecretUnavailable(
+            f"the stored secret of instance {instance_id!r} does not decrypt: the registry's "
+            "secret key is not the one it was stored with, or the row was altered or copied"
+        )
+        if len(blob) < _NONCE_LEN + _TAG_LEN:
+            raise unavailable
+        try:
+            plain = self._aead.decrypt(
+                blob[:_NONCE_LEN], blob[_NONCE_LEN:], _secret_aad(tenant_id, instance_id)
+            )
+        except InvalidTag:
+            raise unavailable from None
+        return plain.decode("utf-8")
+
+    # -- sessions --------------------------------------------------------------------
+
+    def create_session(
+        self,
+        session_id: str,
+        tenant_id: str,
+        agent_type: str | None,
+        metadata: dict[str, Any] | None,
+        now: float,
+    ) -> None:
+        """Record an opened session (spec 6 /sessions/init); the id must be new."""
+        try:
+            with self._tx() as db:
+                self._ensure_tenant(db, tenant_id)
+                db.execute(
+                    "INSERT INTO sessions (session_id, tenant_id, agent_type, metadata, "
+                    "created_at) VALUES (?, ?, ?, ?, ?)",
+                    (session_id, tenant_id, agent_type, _json_or_none(metadata), now),
+                )
+        except sqlite3.IntegrityError as exc:
+            raise RegistryError(f"session {session_id!r} already exists") from exc
+
+    def close_session(self, tenant_id: str, session_id: str, now: float) -> bool:
+        """Close a tenant's open session. False for an unknown id, another tenant's
+        session (indistinguishable on purpose) or one already closed."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE sessions SET closed_at = ? "
+                "WHERE session_id = ? AND tenant_id = ? AND closed_at IS NULL",
+                (now, session_id, tenant_id),
+            )
+            return cur.rowcount > 0
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            found = self._db.execute(
+                "SELECT session_id, tenant_id, agent_type, metadata, created_at, closed_at "
+                "FROM sessions WHERE session_id = ?",
+                (session_id,),
+            ).fetchone()
+        if found is None:
+            return None
+        return {
+            "session_id": found[0],
+            "tenant_id": found[1],
+            "agent_type": found[2],
+            "metadata": _load_json(found[3]),
+            "created_at": found[4],
+            "closed_at": found[5],
+        }
