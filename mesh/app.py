@@ -62,6 +62,7 @@ from .tokens import TokenIssuer
 __all__ = ["AsyncMesh", "GeventMesh", "MeshParts", "MeshSettings"]
 
 log = logging.getLogger("svantic.mesh")
+dispatch_log = logging.getLogger("svantic.mesh.dispatch")
 
 _SSE_HEADERS = (("content-type", "text/event-stream"), ("cache-control", "no-store"),
                 ("x-accel-buffering", "no"))
@@ -272,10 +273,29 @@ class MeshParts:
             url=url, started=time.monotonic())
 
     def finish_http(self, dispatch: Dispatch, outcome: Outcome) -> Response:
+        seconds = time.monotonic() - dispatch.started
+        self.log_outcome(dispatch, outcome, seconds, "http")
         return self.control.dispatch_finished(
             dispatch, dispatch_id=outcome.dispatch_id, result=outcome.result,
             code=outcome.code, message=outcome.message,
-            seconds=time.monotonic() - dispatch.started, now=time.monotonic(), wall=time.time())
+            seconds=seconds, now=time.monotonic(), wall=time.time())
+
+    @staticmethod
+    def log_outcome(dispatch: Dispatch, outcome: Outcome, seconds: float, via: str) -> None:
+        """One INFO line per dispatch outcome, what `svantic mesh` users watch."""
+        if not dispatch_log.isEnabledFor(logging.INFO):
+            return
+        lease = dispatch.lease
+        dispatch_log.info(
+            "dispatch %s %s -> %s (%s, %s): %s in %.1f ms", outcome.dispatch_id,
+            dispatch.capability, lease.instance_id, dispatch.transport, via,
+            "ok" if outcome.code is None else outcome.code, seconds * 1000)
+
+    def end_tool_call(self, route: ToolRoute, dispatch: Dispatch, outcome: Outcome) -> None:
+        seconds = time.monotonic() - dispatch.started
+        self.log_outcome(dispatch, outcome, seconds, "tool call")
+        self.fleet.end_tool_call(route, code=outcome.code, message=outcome.message,
+                                 seconds=seconds, now=time.monotonic(), wall=time.time())
 
     def probe_finished(self, probe: ProbeCard, card: Any, error: str | None) -> Response:
         return self.control.probe_finished(probe, card=card, error=error,
@@ -656,9 +676,7 @@ class AsyncMesh:
             return
         dispatch = parts.tool_dispatch(route, event)
         outcome = await self.perform(dispatch, None)
-        parts.fleet.end_tool_call(route, code=outcome.code, message=outcome.message,
-                                  seconds=time.monotonic() - dispatch.started,
-                                  now=time.monotonic(), wall=time.time())
+        parts.end_tool_call(route, dispatch, outcome)
         _answer_tool(handle, event.call_id, outcome.result, outcome.code, outcome.message)
 
     def _close_gone(self) -> None:
@@ -889,8 +907,6 @@ class GeventMesh:
             return
         dispatch = parts.tool_dispatch(route, event)
         outcome = self.perform(dispatch, None)
-        parts.fleet.end_tool_call(route, code=outcome.code, message=outcome.message,
-                                  seconds=time.monotonic() - dispatch.started,
-                                  now=time.monotonic(), wall=time.time())
+        parts.end_tool_call(route, dispatch, outcome)
         _answer_tool(handle, event.call_id, outcome.result, outcome.code, outcome.message)
 

@@ -48,6 +48,7 @@ def test_every_agent_action_is_described(name: str) -> None:
 
 @pytest.mark.parametrize("name", [
     "ServiceLink", "DropLink", "AdmissionNeeded", "AgentArrived", "ShutdownComplete",
+    "ServeHttp",
 ])
 def test_every_mesh_action_is_described(name: str) -> None:
     assert name in mesh_runtime.__all__

@@ -332,3 +332,53 @@ class _HostedAgent:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_events_stream_the_lifecycle_in_order(mesh: Mesh) -> None:
+    """`GET /events`: a keepalive comment first, then the seed's lifecycle events, in order."""
+    token = mesh.token()
+    lines: list[str] = []
+    events: list[tuple[str, dict[str, Any]]] = []
+    arrived = threading.Condition()
+
+    def read() -> None:
+        with mesh.client() as client, client.stream(
+                "GET", "/events", headers={"authorization": f"Bearer {token}"}) as stream:
+            assert stream.status_code == 200
+            name = ""
+            for line in stream.iter_lines():
+                with arrived:
+                    lines.append(line)
+                    arrived.notify_all()
+                if line.startswith("event:"):
+                    name = line.partition(":")[2].strip()
+                elif line.startswith("data:"):
+                    with arrived:
+                        events.append((name, json.loads(line.partition(":")[2])))
+                        arrived.notify_all()
+                    if name == "agent.disconnected":
+                        return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+
+    def wait_for(kind: str) -> None:
+        with arrived:
+            assert arrived.wait_for(lambda: any(name == kind for name, _ in events),
+                                    timeout=20), events
+
+    with arrived:  # the stream is open once its first comment arrived
+        assert arrived.wait_for(lambda: bool(lines), timeout=20)
+    assert lines[0].startswith(":")
+    agent = mesh.agent("watched-1", "watched", "asyncio")
+    wait_for("agent.connected")
+    assert agent.stdin is not None
+    agent.stdin.close()
+    agent.wait(15)
+    wait_for("agent.disconnected")
+    reader.join(10)
+    # Health changes (its first heartbeat makes it `available`) may come in between.
+    kinds = [name for name, _ in events if name != "agent.health_changed"]
+    assert kinds == ["agent.registered", "agent.connected", "agent.disconnected"]
+    assert all(data["instance_id"] == "watched-1" for _, data in events)
+    assert all(data["tenant_id"] == CLIENT[2] for _, data in events)
