@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -466,31 +466,189 @@ def probe_reason(exc: BaseException) -> str:
     return "failed"
 
 
-# -- asyncio and anyio -------------------------------------------------------------------------
+# -- serving: the steps every driver takes, and the waits that differ ---------------------------
 
 
-class AsyncMesh:
-    """The mesh on `svantic_adapters.asyncio` or `.anyio` (asyncio or trio).
+@dataclass(frozen=True, slots=True)
+class Perform:
+    """Wait: carry a routed dispatch to its agent; the value sent back is its `Outcome`."""
 
-    `async with AsyncMesh(parts, server)`: `server` is the adapter's `MeshServer`, made with
-    `http_app=mesh.http_app` and the callbacks of `parts` (see `svantic_mesh.run`)."""
+    dispatch: Dispatch
+    on_chunk: Callable[[Any], object] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    """Wait: fetch a hosted agent's card; the value sent back is `(card, reason)`."""
+
+    card_url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stream:
+    """Wait: stream a subscription's events to `responder` until either side ends."""
+
+    subscription: Subscription
+    responder: Any
+
+
+Step = Perform | Probe | Stream
+
+
+class _Serving:
+    """What the asyncio/anyio and gevent servings share: every decision and every answer,
+    written once as generators of the `Step`s to wait for. Each serving only waits (awaits,
+    or blocks a greenlet) and sends the value back in."""
+
+    def __init__(self, parts: MeshParts) -> None:
+        self.parts = parts
+        self.server: Any = None
+        self._streams: set[Any] = set()  # the wake-ups of the open event streams
+        self._closing = False
+
+    def attach(self, server: Any) -> None:
+        """Serve `server`'s agents' events (it was made with this serving's `http_app`)."""
+        self.server = server
+        server.on_event = self._on_event
+
+    def _wake_streams(self) -> None:
+        self._closing = True
+        for wake in list(self._streams):
+            wake()
+
+    def _http_steps(self, request: HttpRequest, responder: Any) -> Generator[Step, Any, None]:
+        parts = self.parts
+        effect = parts.control.handle(request, now=time.monotonic(), wall=time.time())
+        if isinstance(effect, Response):
+            responder.respond(effect.status, effect.headers, effect.body)
+            _close_gone(parts, self.server)
+        elif isinstance(effect, Dispatch):
+            if not effect.stream:
+                outcome = yield Perform(effect, None)
+                answer = parts.finish_http(effect, outcome)
+                responder.respond(answer.status, answer.headers, answer.body)
+                return
+            responder.start(200, _SSE_HEADERS)
+            seq = [0]
+
+            def on_chunk(data: Any) -> None:
+                responder.send(sse_chunk(data, seq[0]))
+                seq[0] += 1
+
+            outcome = yield Perform(effect, on_chunk)
+            parts.finish_http(effect, outcome)
+            responder.send(sse_result(effect, dispatch_id=outcome.dispatch_id,
+                                      result=outcome.result, code=outcome.code,
+                                      message=outcome.message))
+            responder.end()
+        elif isinstance(effect, ProbeCard):
+            card, error = yield Probe(effect.card_url)
+            answer = parts.probe_finished(effect, card, error)
+            responder.respond(answer.status, answer.headers, answer.body)
+        elif isinstance(effect, Subscribe):
+            yield from self._events_steps(effect, responder)
+
+    def _events_steps(self, effect: Subscribe, responder: Any) -> Generator[Step, Any, None]:
+        try:
+            subscription = self.parts.events.subscribe(effect.tenant_id)
+        except TooManySubscribers:
+            answer = error_response(503, "TOO_MANY_SUBSCRIBERS",
+                                    "too many event streams: try again later")
+            responder.respond(answer.status, answer.headers, answer.body)
+            return
+        responder.start(200, _SSE_HEADERS)
+        responder.send(KEEPALIVE)
+        try:
+            yield Stream(subscription, responder)
+        finally:
+            subscription.close()
+            if not responder.closed:
+                responder.end()
+
+    def _stream_round(self, subscription: Subscription, responder: Any) -> bool:
+        """Write what the subscription holds; False once the stream should end."""
+        for event in subscription.drain():
+            responder.send(event)
+        return not (subscription.overflowed or responder.closed or self._closing)
+
+    def _tool_steps(self, handle: Any, event: ToolCallReceived) -> Generator[Step, Any, None]:
+        parts = self.parts
+        try:
+            route = parts.fleet.begin_tool_call(
+                handle.instance_id, event.call_id, tool=event.tool,
+                agent_type=event.agent_type, instance_id=event.instance_id,
+                session_id=event.session_id, deadline_ms=event.deadline_ms,
+                now=time.monotonic())
+        except RouteError as exc:
+            _answer_tool(handle, event.call_id, None, exc.code, exc.message)
+            return
+        dispatch = parts.tool_dispatch(route, event)
+        outcome = yield Perform(dispatch, None)
+        parts.end_tool_call(route, dispatch, outcome)
+        _answer_tool(handle, event.call_id, outcome.result, outcome.code, outcome.message)
+
+    def _on_event(self, handle: Any, event: Any) -> None:
+        if self.parts.agent_event(handle, event, self.server.agents):
+            self._spawn(self._tool_steps(handle, event))
+        elif type(event) is not HeartbeatReceived:
+            _close_gone(self.parts, self.server)
+
+    def _spawn(self, steps: Generator[Step, Any, None]) -> None:
+        raise NotImplementedError
+
+    def _ticked(self, slept_from: float, delay: float) -> float:
+        """After the ticker slept: the loop's lag, the fleet's timers; the next sleep."""
+        fleet = self.parts.fleet
+        self.parts.metrics.loop_lag(max(0.0, time.monotonic() - slept_from - delay))
+        fleet.tick(time.monotonic(), time.time())
+        _close_gone(self.parts, self.server)
+        return self._next_sleep()
+
+    def _next_sleep(self) -> float:
+        deadline = self.parts.fleet.next_deadline()
+        if deadline is None:
+            return 1.0
+        return min(1.0, max(0.0, deadline - time.monotonic()))
+
+    def _sent(self, dispatch_id: str, result: Any, error: BaseException | None) -> Outcome:
+        """A socket dispatch's end, as an `Outcome`."""
+        if error is None:
+            return Outcome(dispatch_id, result=result)
+        if isinstance(error, DispatchError):
+            code = "AGENT_DISCONNECTED" if error.code == "AGENT_UNAVAILABLE" else error.code
+            return Outcome(dispatch_id, code=code, message=error.message)
+        return Outcome(dispatch_id, code="AGENT_UNAVAILABLE",  # it asked to close meanwhile
+                       message="the agent is closing: try again")
+
+    def _body_or_failure(self, dispatch: Dispatch, dispatch_id: str) -> bytes | Outcome:
+        try:
+            return self.parts.hosted_body(dispatch, dispatch_id)
+        except Exception:  # spec 7: no envelope, no request
+            log.warning("dispatch auth could not be minted for %s", dispatch.lease.instance_id)
+            return Outcome(dispatch_id, code="AGENT_UNHEALTHY",
+                           message="dispatch auth could not be minted")
+
+
+def _hosted_headers(on_chunk: Callable[[Any], object] | None) -> dict[str, str]:
+    accept = "text/event-stream" if on_chunk is not None else "application/json"
+    return {"content-type": "application/json", "accept": accept}
+
+
+class AsyncMesh(_Serving):
+    """The mesh on `svantic_adapters.asyncio`, `.anyio` (asyncio or trio) or `.asgi`.
+
+    Make the adapter's `MeshServer` with `http_app=mesh.http_app` and the callbacks of
+    `parts`, `attach()` it, and run the mesh inside `async with mesh:` (its ticker)."""
 
     def __init__(self, parts: MeshParts) -> None:
         import anyio
         import httpx
 
-        self.parts = parts
-        self.server: Any = None
+        super().__init__(parts)
         self._anyio = anyio
         self._client = httpx.AsyncClient(verify=parts.settings.hosted_verify,
                                          follow_redirects=False, trust_env=False)
         self._group: Any = None
-        self._wakes: set[Any] = set()
-        self._closing = False
-
-    def attach(self, server: Any) -> None:
-        self.server = server
-        server.on_event = self._on_event
 
     async def __aenter__(self) -> AsyncMesh:
         self._group = self._anyio.create_task_group()
@@ -499,64 +657,39 @@ class AsyncMesh:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._closing = True
-        for wake in list(self._wakes):
-            wake.set()
+        self._wake_streams()
         self._group.cancel_scope.cancel()
         await self._group.__aexit__(None, None, None)
         await self._client.aclose()
 
-    # -- timers ---------------------------------------------------------------------------------
+    async def http_app(self, request: HttpRequest, responder: Any) -> None:
+        await self._run(self._http_steps(request, responder))
+
+    def _spawn(self, steps: Generator[Step, Any, None]) -> None:
+        if self._group is not None:
+            self._group.start_soon(self._run, steps)
+
+    async def _run(self, steps: Generator[Step, Any, None]) -> None:
+        value: Any = None
+        while True:
+            try:
+                step = steps.send(value)
+            except StopIteration:
+                return
+            if type(step) is Perform:
+                value = await self.perform(step.dispatch, step.on_chunk)
+            elif type(step) is Probe:
+                value = await self._probe(step.card_url)
+            else:
+                value = await self._stream(step.subscription, step.responder)
 
     async def _ticker(self) -> None:
         """The fleet's one timer (missed heartbeats), and the event-loop lag it observes."""
-        fleet, metrics = self.parts.fleet, self.parts.metrics
+        delay = self._next_sleep()
         while True:
-            now = time.monotonic()
-            deadline = fleet.next_deadline()
-            delay = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
+            slept_from = time.monotonic()
             await self._anyio.sleep(delay)
-            metrics.loop_lag(max(0.0, time.monotonic() - now - delay))
-            fleet.tick(time.monotonic(), time.time())
-            self._close_gone()
-
-    # -- HTTP -----------------------------------------------------------------------------------
-
-    async def http_app(self, request: HttpRequest, responder: Any) -> None:
-        parts = self.parts
-        effect = parts.control.handle(request, now=time.monotonic(), wall=time.time())
-        if isinstance(effect, Response):
-            responder.respond(effect.status, effect.headers, effect.body)
-            self._close_gone()
-        elif isinstance(effect, Dispatch):
-            await self._dispatch_http(effect, responder)
-        elif isinstance(effect, ProbeCard):
-            card, error = await self._probe(effect.card_url)
-            answer = parts.probe_finished(effect, card, error)
-            responder.respond(answer.status, answer.headers, answer.body)
-        elif isinstance(effect, Subscribe):
-            await self._stream_events(effect, responder)
-
-    async def _dispatch_http(self, dispatch: Dispatch, responder: Any) -> None:
-        if not dispatch.stream:
-            outcome = await self.perform(dispatch, None)
-            answer = self.parts.finish_http(dispatch, outcome)
-            responder.respond(answer.status, answer.headers, answer.body)
-            return
-        responder.start(200, _SSE_HEADERS)
-        seq = 0
-
-        def on_chunk(data: Any) -> None:
-            nonlocal seq
-            responder.send(sse_chunk(data, seq))
-            seq += 1
-
-        outcome = await self.perform(dispatch, on_chunk)
-        self.parts.finish_http(dispatch, outcome)
-        responder.send(sse_result(dispatch, dispatch_id=outcome.dispatch_id,
-                                  result=outcome.result, code=outcome.code,
-                                  message=outcome.message))
-        responder.end()
+            delay = self._ticked(slept_from, delay)
 
     async def perform(self, dispatch: Dispatch,
                       on_chunk: Callable[[Any], object] | None) -> Outcome:
@@ -570,28 +703,19 @@ class AsyncMesh:
                 deadline_ms=dispatch.deadline_ms, on_chunk=on_chunk,
                 session_context=self.parts.session_context(dispatch.session_context),
                 dispatch_id=dispatch_id)
-        except DispatchError as exc:
-            code = "AGENT_DISCONNECTED" if exc.code == "AGENT_UNAVAILABLE" else exc.code
-            return Outcome(dispatch_id, code=code, message=exc.message)
-        except LocalProtocolError:  # the agent asked to close after it was routed
-            return Outcome(dispatch_id, code="AGENT_UNAVAILABLE",
-                           message="the agent is closing: try again")
-        return Outcome(dispatch_id, result=result)
+        except (DispatchError, LocalProtocolError) as exc:
+            return self._sent(dispatch_id, None, exc)
+        return self._sent(dispatch_id, result, None)
 
     async def _post(self, dispatch: Dispatch, dispatch_id: str,
                     on_chunk: Callable[[Any], object] | None) -> Outcome:
-        try:
-            body = self.parts.hosted_body(dispatch, dispatch_id)
-        except Exception:  # spec 7: no envelope, no request
-            log.warning("dispatch auth could not be minted for %s", dispatch.lease.instance_id)
-            return Outcome(dispatch_id, code="AGENT_UNHEALTHY",
-                           message="dispatch auth could not be minted")
-        accept = "text/event-stream" if on_chunk is not None else "application/json"
-        headers = {"content-type": "application/json", "accept": accept}
+        body = self._body_or_failure(dispatch, dispatch_id)
+        if isinstance(body, Outcome):
+            return body
         try:
             with self._anyio.fail_after(dispatch.deadline_ms / 1000):
                 async with self._client.stream("POST", f"{dispatch.url}/send", content=body,
-                                               headers=headers) as answer:
+                                               headers=_hosted_headers(on_chunk)) as answer:
                     reader = HostedAnswer(dispatch_id, answer.status_code,
                                           answer.headers.get("content-type", ""), on_chunk)
                     async for piece in answer.aiter_bytes():
@@ -614,83 +738,24 @@ class AsyncMesh:
             return None, probe_reason(exc)
         return probe.result()
 
-    async def _stream_events(self, effect: Subscribe, responder: Any) -> None:
+    async def _stream(self, subscription: Subscription, responder: Any) -> None:
         anyio = self._anyio
-        wake = anyio.Event()
+        wake = [anyio.Event()]
 
         def notify() -> None:
-            wake.set()
+            wake[0].set()
 
+        subscription.notify = notify
+        self._streams.add(notify)
         try:
-            subscription = self.parts.events.subscribe(effect.tenant_id, notify=notify)
-        except TooManySubscribers:
-            answer = error_response(503, "TOO_MANY_SUBSCRIBERS",
-                                    "too many event streams: try again later")
-            responder.respond(answer.status, answer.headers, answer.body)
-            return
-        holder = _Wake(wake)
-        self._wakes.add(holder)
-        responder.start(200, _SSE_HEADERS)
-        responder.send(KEEPALIVE)
-        try:
-            while not responder.closed and not self._closing:
-                self._send_events(subscription, responder)
-                if subscription.overflowed:
-                    break
+            while self._stream_round(subscription, responder):
                 with anyio.move_on_after(self.parts.settings.keepalive_interval) as scope:
-                    await wake.wait()
-                wake = anyio.Event()
-                holder.event = wake
+                    await wake[0].wait()
+                wake[0] = anyio.Event()
                 if scope.cancelled_caught:
                     responder.send(KEEPALIVE)
         finally:
-            self._wakes.discard(holder)
-            subscription.close()
-            if not responder.closed:
-                responder.end()
-
-    @staticmethod
-    def _send_events(subscription: Subscription, responder: Any) -> None:
-        for event in subscription.drain():
-            responder.send(event)
-
-    # -- agents ---------------------------------------------------------------------------------
-
-    def _on_event(self, handle: Any, event: Any) -> None:
-        if self.parts.agent_event(handle, event, self.server.agents):
-            if self._group is not None:
-                self._group.start_soon(self._tool_call, handle, event)
-        elif type(event) is not HeartbeatReceived:
-            self._close_gone()
-
-    async def _tool_call(self, handle: Any, event: ToolCallReceived) -> None:
-        parts = self.parts
-        caller = handle.instance_id
-        try:
-            route = parts.fleet.begin_tool_call(
-                caller, event.call_id, tool=event.tool, agent_type=event.agent_type,
-                instance_id=event.instance_id, session_id=event.session_id,
-                deadline_ms=event.deadline_ms, now=time.monotonic())
-        except RouteError as exc:
-            _answer_tool(handle, event.call_id, None, exc.code, exc.message)
-            return
-        dispatch = parts.tool_dispatch(route, event)
-        outcome = await self.perform(dispatch, None)
-        parts.end_tool_call(route, dispatch, outcome)
-        _answer_tool(handle, event.call_id, outcome.result, outcome.code, outcome.message)
-
-    def _close_gone(self) -> None:
-        _close_gone(self.parts, self.server)
-
-
-class _Wake:
-    __slots__ = ("event",)
-
-    def __init__(self, event: Any) -> None:
-        self.event = event
-
-    def set(self) -> None:
-        self.event.set()
+            self._streams.discard(notify)
 
 
 def _answer_tool(handle: Any, call_id: str, result: Any, code: str | None,
@@ -726,10 +791,7 @@ def _close_gone(parts: MeshParts, server: Any) -> None:
         log.info("agent %s: socket closed, the instance was deregistered", instance_id)
 
 
-# -- gevent -------------------------------------------------------------------------------------
-
-
-class GeventMesh:
+class GeventMesh(_Serving):
     """The mesh on `svantic_adapters.gevent`: the same steps as `AsyncMesh`, blocking in
     greenlets (httpx's blocking client on gevent's patched sockets)."""
 
@@ -737,72 +799,47 @@ class GeventMesh:
         import gevent
         import httpx
 
-        self.parts = parts
-        self.server: Any = None
+        super().__init__(parts)
         self._gevent = gevent
         self._client = httpx.Client(verify=parts.settings.hosted_verify,
                                     follow_redirects=False, trust_env=False)
         self._ticker_greenlet: Any = None
-        self._wakes: set[Any] = set()
-        self._closing = False
-
-    def attach(self, server: Any) -> None:
-        self.server = server
-        server.on_event = self._on_event
 
     def start(self) -> None:
         self._ticker_greenlet = self._gevent.spawn(self._ticker)
 
     def stop(self) -> None:
-        self._closing = True
-        for wake in list(self._wakes):
-            wake.set()
+        self._wake_streams()
         if self._ticker_greenlet is not None:
             self._ticker_greenlet.kill()
         self._client.close()
 
-    def _ticker(self) -> None:
-        fleet, metrics = self.parts.fleet, self.parts.metrics
-        while True:
-            now = time.monotonic()
-            deadline = fleet.next_deadline()
-            delay = 1.0 if deadline is None else min(1.0, max(0.0, deadline - now))
-            self._gevent.sleep(delay)
-            metrics.loop_lag(max(0.0, time.monotonic() - now - delay))
-            fleet.tick(time.monotonic(), time.time())
-            _close_gone(self.parts, self.server)
-
     def http_app(self, request: HttpRequest, responder: Any) -> None:
-        parts = self.parts
-        effect = parts.control.handle(request, now=time.monotonic(), wall=time.time())
-        if isinstance(effect, Response):
-            responder.respond(effect.status, effect.headers, effect.body)
-            _close_gone(parts, self.server)
-        elif isinstance(effect, Dispatch):
-            if not effect.stream:
-                outcome = self.perform(effect, None)
-                answer = parts.finish_http(effect, outcome)
-                responder.respond(answer.status, answer.headers, answer.body)
+        self._run(self._http_steps(request, responder))
+
+    def _spawn(self, steps: Generator[Step, Any, None]) -> None:
+        self._gevent.spawn(self._run, steps)
+
+    def _run(self, steps: Generator[Step, Any, None]) -> None:
+        value: Any = None
+        while True:
+            try:
+                step = steps.send(value)
+            except StopIteration:
                 return
-            responder.start(200, _SSE_HEADERS)
-            seq = [0]
+            if type(step) is Perform:
+                value = self.perform(step.dispatch, step.on_chunk)
+            elif type(step) is Probe:
+                value = self._probe(step.card_url)
+            else:
+                value = self._stream(step.subscription, step.responder)
 
-            def on_chunk(data: Any) -> None:
-                responder.send(sse_chunk(data, seq[0]))
-                seq[0] += 1
-
-            outcome = self.perform(effect, on_chunk)
-            parts.finish_http(effect, outcome)
-            responder.send(sse_result(effect, dispatch_id=outcome.dispatch_id,
-                                      result=outcome.result, code=outcome.code,
-                                      message=outcome.message))
-            responder.end()
-        elif isinstance(effect, ProbeCard):
-            card, error = self._probe(effect.card_url)
-            answer = parts.probe_finished(effect, card, error)
-            responder.respond(answer.status, answer.headers, answer.body)
-        elif isinstance(effect, Subscribe):
-            self._stream_events(effect, responder)
+    def _ticker(self) -> None:
+        delay = self._next_sleep()
+        while True:
+            slept_from = time.monotonic()
+            self._gevent.sleep(delay)
+            delay = self._ticked(slept_from, delay)
 
     def perform(self, dispatch: Dispatch, on_chunk: Callable[[Any], object] | None) -> Outcome:
         dispatch_id = self.parts.ids.new_id()
@@ -814,28 +851,19 @@ class GeventMesh:
                 deadline_ms=dispatch.deadline_ms, on_chunk=on_chunk,
                 session_context=self.parts.session_context(dispatch.session_context),
                 dispatch_id=dispatch_id)
-        except DispatchError as exc:
-            code = "AGENT_DISCONNECTED" if exc.code == "AGENT_UNAVAILABLE" else exc.code
-            return Outcome(dispatch_id, code=code, message=exc.message)
-        except LocalProtocolError:
-            return Outcome(dispatch_id, code="AGENT_UNAVAILABLE",
-                           message="the agent is closing: try again")
-        return Outcome(dispatch_id, result=result)
+        except (DispatchError, LocalProtocolError) as exc:
+            return self._sent(dispatch_id, None, exc)
+        return self._sent(dispatch_id, result, None)
 
     def _post(self, dispatch: Dispatch, dispatch_id: str,
               on_chunk: Callable[[Any], object] | None) -> Outcome:
-        try:
-            body = self.parts.hosted_body(dispatch, dispatch_id)
-        except Exception:
-            log.warning("dispatch auth could not be minted for %s", dispatch.lease.instance_id)
-            return Outcome(dispatch_id, code="AGENT_UNHEALTHY",
-                           message="dispatch auth could not be minted")
-        accept = "text/event-stream" if on_chunk is not None else "application/json"
-        headers = {"content-type": "application/json", "accept": accept}
+        body = self._body_or_failure(dispatch, dispatch_id)
+        if isinstance(body, Outcome):
+            return body
         try:
             with self._gevent.Timeout(dispatch.deadline_ms / 1000, TimeoutError), \
                     self._client.stream("POST", f"{dispatch.url}/send", content=body,
-                                        headers=headers) as answer:
+                                        headers=_hosted_headers(on_chunk)) as answer:
                 reader = HostedAnswer(dispatch_id, answer.status_code,
                                       answer.headers.get("content-type", ""), on_chunk)
                 for piece in answer.iter_bytes():
@@ -858,55 +886,17 @@ class GeventMesh:
             return None, probe_reason(exc)
         return probe.result()
 
-    def _stream_events(self, effect: Subscribe, responder: Any) -> None:
+    def _stream(self, subscription: Subscription, responder: Any) -> None:
         import gevent.event
 
         wake = gevent.event.Event()
+        subscription.notify = wake.set
+        self._streams.add(wake.set)
         try:
-            subscription = self.parts.events.subscribe(effect.tenant_id, notify=wake.set)
-        except TooManySubscribers:
-            answer = error_response(503, "TOO_MANY_SUBSCRIBERS",
-                                    "too many event streams: try again later")
-            responder.respond(answer.status, answer.headers, answer.body)
-            return
-        self._wakes.add(wake)
-        responder.start(200, _SSE_HEADERS)
-        responder.send(KEEPALIVE)
-        try:
-            while not responder.closed and not self._closing:
-                for event in subscription.drain():
-                    responder.send(event)
-                if subscription.overflowed:
-                    break
+            while self._stream_round(subscription, responder):
                 woke = wake.wait(self.parts.settings.keepalive_interval)
                 wake.clear()
                 if not woke:
                     responder.send(KEEPALIVE)
         finally:
-            self._wakes.discard(wake)
-            subscription.close()
-            if not responder.closed:
-                responder.end()
-
-    def _on_event(self, handle: Any, event: Any) -> None:
-        if self.parts.agent_event(handle, event, self.server.agents):
-            self._gevent.spawn(self._tool_call, handle, event)
-        elif type(event) is not HeartbeatReceived:
-            _close_gone(self.parts, self.server)
-
-    def _tool_call(self, handle: Any, event: ToolCallReceived) -> None:
-        parts = self.parts
-        try:
-            route = parts.fleet.begin_tool_call(
-                handle.instance_id, event.call_id, tool=event.tool,
-                agent_type=event.agent_type, instance_id=event.instance_id,
-                session_id=event.session_id, deadline_ms=event.deadline_ms,
-                now=time.monotonic())
-        except RouteError as exc:
-            _answer_tool(handle, event.call_id, None, exc.code, exc.message)
-            return
-        dispatch = parts.tool_dispatch(route, event)
-        outcome = self.perform(dispatch, None)
-        parts.end_tool_call(route, dispatch, outcome)
-        _answer_tool(handle, event.call_id, outcome.result, outcome.code, outcome.message)
-
+            self._streams.discard(wake.set)

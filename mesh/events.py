@@ -151,6 +151,16 @@ class Subscription:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def notify(self) -> Callable[[], None] | None:
+        """Called after each event is queued: the serving code sets it to wake its writer
+        (it may be set after `subscribe`, once the writer exists)."""
+        return self._notify
+
+    @notify.setter
+    def notify(self, value: Callable[[], None] | None) -> None:
+        self._notify = value
+
     def drain(self) -> list[bytes]:
         """The queued events, oldest first; the queue is empty afterwards."""
         items = list(self._queue)
