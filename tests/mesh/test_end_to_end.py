@@ -90,41 +90,74 @@ class Mesh:
         return proc
 
 
-@pytest.fixture(params=ADAPTERS)
-def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mesh]:
+def start_mesh(folder: Path, adapter: str) -> Mesh:
+    """`svantic mesh` on a free port with a database in `folder`, once it says it listens."""
     hosted_ca = trustme.CA()
-    (tmp_path / "hosted-ca.pem").write_bytes(hosted_ca.cert_pem.bytes())
+    (folder / "hosted-ca.pem").write_bytes(hosted_ca.cert_pem.bytes())
     proc = subprocess.Popen(
-        [sys.executable, "-m", "svantic_mesh.cli", "mesh", "--db", str(tmp_path / "m.db"),
-         "--port", "0", "--client", ":".join(CLIENT), "--adapter", request.param,
-         "--trust-ca", str(tmp_path / "hosted-ca.pem"), "--grace", "2"],
+        [sys.executable, "-m", "svantic_mesh.cli", "mesh", "--db", str(folder / "m.db"),
+         "--port", "0", "--client", ":".join(CLIENT), "--adapter", adapter,
+         "--trust-ca", str(folder / "hosted-ca.pem"), "--grace", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     seen: list[str] = []
     match = _read_until(proc, READY, seen)
     ca = next(line.split(": ", 1)[1].strip() for line in seen if "local CA" in line)
-    mesh = Mesh(proc, match.group(1), ca, tmp_path)
+    mesh = Mesh(proc, match.group(1), ca, folder)
     mesh.hosted_ca = hosted_ca  # type: ignore[attr-defined]
+    return mesh
+
+
+def stop_mesh(mesh: Mesh) -> str:
+    """Stop the agents, then Ctrl-C the mesh: it drains and exits 0. Returns its log."""
+    for agent in mesh.agents:
+        if agent.poll() is None:
+            assert agent.stdin is not None
+            agent.stdin.close()
+    for agent in mesh.agents:
+        try:
+            agent.wait(15)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+    mesh.proc.send_signal(signal.SIGINT)
+    try:
+        code = mesh.proc.wait(20)
+    except subprocess.TimeoutExpired:
+        mesh.proc.kill()
+        mesh.proc.wait()
+        raise
+    assert mesh.proc.stderr is not None
+    log = mesh.proc.stderr.read()
+    assert "Traceback" not in log, log
+    assert code == 0 and "svantic mesh stopped" in log, log
+    return log
+
+
+@pytest.fixture(params=ADAPTERS)
+def mesh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mesh]:
+    mesh = start_mesh(tmp_path, request.param)
     try:
         yield mesh
     finally:
-        for agent in mesh.agents:
-            if agent.poll() is None:
-                assert agent.stdin is not None
-                agent.stdin.close()
-        for agent in mesh.agents:
-            try:
-                agent.wait(15)
-            except subprocess.TimeoutExpired:
-                agent.kill()
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        log = proc.stderr.read()
-        assert "Traceback" not in log, log
+        stop_mesh(mesh)
+
+
+def test_registrations_survive_a_restart(tmp_path: Path) -> None:
+    mesh = start_mesh(tmp_path, "asyncio")
+    try:
+        mesh.agent("kept-1", "kept", "asyncio")
+    finally:
+        log = stop_mesh(mesh)
+    assert "kept-1" in log  # its registration and connection were logged
+    mesh = start_mesh(tmp_path, "asyncio")
+    try:
+        with mesh.client() as client:
+            answer = client.post("/agents/get_connection", json={"instance_id": "kept-1"},
+                                 headers={"authorization": f"Bearer {mesh.token()}"})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["agent_type"] == "kept"
+        assert answer.json()["connection_status"] == "offline"  # its socket died with the mesh
+    finally:
+        stop_mesh(mesh)
 
 
 def test_agents_are_called_through_the_mesh(mesh: Mesh) -> None:
