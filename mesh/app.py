@@ -511,7 +511,9 @@ class _Serving:
         self.server = server
         server.on_event = self._on_event
 
-    def _wake_streams(self) -> None:
+    def end_streams(self) -> None:
+        """End every event stream (at once, cleanly): a mesh shutting down calls this
+        before it drains, or the streams would hold the drain until `close_timeout`."""
         self._closing = True
         for wake in list(self._streams):
             wake()
@@ -657,7 +659,7 @@ class AsyncMesh(_Serving):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._wake_streams()
+        self.end_streams()
         self._group.cancel_scope.cancel()
         await self._group.__aexit__(None, None, None)
         await self._client.aclose()
@@ -809,7 +811,7 @@ class GeventMesh(_Serving):
         self._ticker_greenlet = self._gevent.spawn(self._ticker)
 
     def stop(self) -> None:
-        self._wake_streams()
+        self.end_streams()
         if self._ticker_greenlet is not None:
             self._ticker_greenlet.kill()
         self._client.close()

@@ -231,6 +231,7 @@ async def _serve_async(module_name: str, run: _Run) -> None:
 
                     group.start_soon(wait_signal)
                     group.start_soon(wait_stop)
+            mesh.end_streams()
             await server.close(run.grace)
         parts.registry.close()
         log.info("svantic mesh stopped")
@@ -255,6 +256,7 @@ def _serve_gevent(run: _Run) -> None:
     run.ready(host, port)
     done.wait()
     log.info("draining (grace %s s)", run.grace)
+    mesh.end_streams()
     server.close(run.grace)
     mesh.stop()
     parts.registry.close()

@@ -6,8 +6,8 @@ in-memory table, and streams lifecycle events on ``GET /events`` as Server-Sent 
 (close-delimited HTTP/1.0). Every call but the page itself checks ``Authorization: Bearer``.
 
 ``connect()`` / ``disconnect()`` change the table and publish ``agent.connected`` /
-``agent.disconnected``, which is what a real agent dialling the real mesh will do once the
-fixture is switched over.
+``agent.disconnected``, as a real agent dialling the real mesh does (test_dashboard.py runs its
+shared cases on both). The stub stays for what only it can stage, such as a dropped stream.
 """
 
 from __future__ import annotations
@@ -75,14 +75,14 @@ class DashboardStub:
         self._publish("agent.connected", instance_id=instance_id, agent_type=agent_type)
 
     def disconnect(self, instance_id: str) -> None:
+        # As the mesh does: the connection goes offline; the routing status (what the agent
+        # last said of itself) stays, since a connected instance without a socket is not
+        # routed to whatever it says.
         with self._lock:
             row = self._rows[instance_id]
             row["connection_status"] = "offline"
-            row["routing_status"] = "offline"
             agent_type = row["agent_type"]
-        self._publish(
-            "agent.disconnected", instance_id=instance_id, agent_type=agent_type, code=1000
-        )
+        self._publish("agent.disconnected", instance_id=instance_id, agent_type=agent_type)
 
     def drop_streams(self) -> None:
         """End every open event stream (as a mesh restart would)."""

@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-
 from svantic_mesh import cli, control
 from svantic_mesh.serve import MeshHome
 
