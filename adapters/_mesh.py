@@ -114,6 +114,11 @@ class HttpResponder:
         self._link.pump.service()
         self._driver._service()
 
+    def _abort(self, reason: str) -> None:
+        """Cut an answer that started: the client must not take part of it for the whole."""
+        self._conn.abort(reason)
+        self._flush()
+
 
 _INTERNAL = (("content-type", "application/json"),)
 _INTERNAL_BODY = b'{"error":{"code":"INTERNAL","message":"internal error"}}'
@@ -396,8 +401,7 @@ class MeshDriver(Generic[LinkT]):
         if not responder.started:
             responder.respond(500, _INTERNAL, _INTERNAL_BODY)
         elif not responder.closed:
-            responder._conn.abort("the application failed mid-answer")
-            responder._flush()
+            responder._abort("the application failed mid-answer")
 
     @staticmethod
     def _http_unanswered(request: HttpRequest, responder: HttpResponder) -> None:

@@ -15,7 +15,11 @@ code and reason. A refusal (spec 1) is the WebSocket Denial Response extension's
 server without that extension gets `websocket.close` (it answers a plain 403).
 
 A plain HTTP request for the endpoint is answered 426 with the spec's JSON, as byte mode
-does; any other path 404 with the same JSON shape. `lifespan.shutdown` runs `close()`.
+does. Any other request goes to `http_app(request, responder)` when there is one, as on the
+other drivers' ports (the reference mesh's control plane: `svantic_mesh.asgi`), with its body
+read whole and bounded first; without one it is answered 404 with the same JSON shape.
+`lifespan.startup` enters the `lifespan` context given; `lifespan.shutdown` runs `close()`,
+then leaves it.
 """
 
 from __future__ import annotations
@@ -25,19 +29,21 @@ import contextlib
 import json
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
+from typing import Any, Protocol, cast
+from urllib.parse import quote
 
 from svantic_proto import Config, ResumeStore
 from svantic_proto.capabilities import DispatchContext
-from svantic_proto.errors import DispatchError, HandlerError
+from svantic_proto.errors import DispatchError, HandlerError, InvalidState
 from svantic_proto.events import Event
 from svantic_proto.handshake import CONNECT_PATH
+from svantic_proto.http import HttpRequest
 from svantic_proto.mesh import MintDispatchAuth
 from svantic_proto.mesh_runtime import SHUTTING_DOWN, AdmissionNeeded, MeshPhase
 from svantic_proto.messages import Close, MeshMessages, UpgradeAccepted, UpgradeRefused
 
-from ._mesh import AsyncAgentHandle, MeshDriver
+from ._mesh import _INTERNAL, _INTERNAL_BODY, AsyncAgentHandle, HttpResponder, MeshDriver
 from ._protocol import WRITE_BUFFER_LIMIT, AsyncioMeshApi, LoopTimer
 from ._pump import DETACHED
 
@@ -56,6 +62,15 @@ Scope = MutableMapping[str, Any]
 ASGIMessage = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[ASGIMessage]]
 Send = Callable[[ASGIMessage], Awaitable[None]]
+
+
+class _AsyncContext(Protocol):
+    """An async context manager (`contextlib.AbstractAsyncContextManager`, which the API
+    reference cannot link)."""
+
+    async def __aenter__(self) -> Any: ...
+    async def __aexit__(self, *exc: Any) -> Any: ...
+
 
 DENIAL = "websocket.http.response"
 """The ASGI WebSocket Denial Response extension: an HTTP answer instead of the upgrade."""
@@ -98,6 +113,24 @@ async def _deny(send: Send, refusal: UpgradeRefused, denial: bool) -> None:
             await send({"type": "websocket.http.response.body", "body": refusal.body})
         else:
             await send({"type": "websocket.close", "code": 1008, "reason": refusal.code})
+
+
+async def _send_refusal(send: Send, refusal: UpgradeRefused) -> None:
+    """A plain HTTP answer of the spec 1 JSON shape."""
+    await send({"type": "http.response.start", "status": refusal.status,
+                "headers": _asgi_headers(refusal)})
+    await send({"type": "http.response.body", "body": refusal.body})
+
+
+async def _watch_disconnect(receive: Receive, responder: AsgiResponder) -> None:
+    """After the body: the next message the server has is `http.disconnect` (ASGI), which
+    tells a long answer (an event stream) that nobody reads it any more."""
+    try:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+    except OSError:  # a server that raises instead
+        pass
+    responder._disconnected()
 
 
 class AsgiLink:
@@ -309,6 +342,142 @@ class _MessagePump:
             self._busy = False
 
 
+def _local_path(scope: Mapping[str, Any]) -> str:
+    """The request's path below the mount point (`root_path`): what the app routes on."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):  # ASGI: `path` holds the mount point too
+        return path[len(root):] or "/"
+    return path  # no mount point, or a framework that strips it from `path`
+
+
+def _http_request(scope: Mapping[str, Any], body: bytes) -> HttpRequest:
+    """The request as the mesh's own HTTP server hands it over (`svantic_proto.http`)."""
+    path = _local_path(scope)
+    query = bytes(scope.get("query_string", b"")).decode("latin-1")
+    target = quote(path, safe="/:@!$&'()*+,;=~") + (f"?{query}" if query else "")
+    headers = tuple((bytes(name).decode("ascii", "replace").lower(),
+                     bytes(value).decode("latin-1"))
+                    for name, value in scope.get("headers", ()))
+    return HttpRequest(method=scope.get("method", "GET"), target=target, path=path,
+                       query=query, headers=headers, body=body)
+
+
+def _response_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1"))
+            for name, value in headers if name.lower() != "content-length"]
+
+
+_ANSWERING, _STREAMING, _ANSWERED = range(3)
+
+
+class AsgiResponder(HttpResponder):
+    """How `http_app` answers one ASGI request: `HttpResponder`'s calls, which stay
+    synchronous (an application writes SSE from a chunk callback) by queueing ASGI
+    messages that `_write` sends in order. `closed` once the client disconnected (or the
+    answer was cut): the calls then do nothing, so an application never fails for writing
+    to a gone peer."""
+
+    __slots__ = ("_cut", "_gone", "_head_out", "_outbox", "_state", "_wake")
+
+    def __init__(self) -> None:  # no super().__init__: there is no h11 connection here
+        self.started = False
+        self._state = _ANSWERING
+        self._outbox: deque[ASGIMessage] = deque()
+        self._wake = asyncio.Event()
+        self._gone = False  # the client disconnected
+        self._cut = False  # an answer that started is abandoned: nothing more goes out
+        self._head_out = False  # `http.response.start` is handed to the server
+
+    @property
+    def closed(self) -> bool:
+        return self._gone or self._cut
+
+    def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
+        self._require(_ANSWERING, "respond")
+        self.started = True
+        self._state = _ANSWERED
+        head = _response_headers(headers)
+        head.append((b"content-length", str(len(body)).encode("ascii")))
+        self._queue({"type": "http.response.start", "status": status, "headers": head},
+                    {"type": "http.response.body", "body": body})
+
+    def start(self, status: int, headers: Sequence[tuple[str, str]]) -> None:
+        self._require(_ANSWERING, "start")
+        self.started = True
+        self._state = _STREAMING
+        self._queue({"type": "http.response.start", "status": status,
+                     "headers": _response_headers(headers)})
+
+    def send(self, data: bytes) -> None:
+        self._require(_STREAMING, "send")
+        if data:
+            self._queue({"type": "http.response.body", "body": data, "more_body": True})
+
+    def end(self) -> None:
+        self._require(_STREAMING, "end")
+        self._state = _ANSWERED
+        self._queue({"type": "http.response.body", "body": b""})
+
+    # -- inside ----------------------------------------------------------------------------
+
+    def _require(self, state: int, action: str) -> None:
+        if self._state != state and not self.closed:
+            raise InvalidState(f"{action}: no request is waiting for this kind of answer")
+
+    def _queue(self, *messages: ASGIMessage) -> None:
+        if not self.closed:
+            self._outbox.extend(messages)
+            self._wake.set()
+
+    def _abort(self, reason: str) -> None:
+        """Cut a started answer (`MeshDriver._http_failed`): the ASGI call then returns with
+        the answer incomplete, which the server turns into a cut connection. One whose head
+        is still queued reached nobody: it becomes the 500 a failure before any answer gets."""
+        if self._state == _ANSWERED:
+            return  # whole already (queued or sent): it goes out as it is
+        if not self._head_out and not self.closed:
+            self._outbox.clear()
+            self._state = _ANSWERING
+            self.respond(500, _INTERNAL, _INTERNAL_BODY)
+            return
+        log.debug("HTTP answer cut: %s", reason)
+        self._cut = True
+        self._outbox.clear()
+        self._wake.set()
+
+    def _disconnected(self) -> None:
+        self._gone = True
+        self._outbox.clear()
+        self._wake.set()
+
+    def _finish(self) -> None:
+        """The application returned: a stream it left open is ended (returning mid-answer
+        would make the server log an error and cut it)."""
+        if self._state == _STREAMING:
+            self.end()
+
+    async def _write(self, send: Send) -> None:
+        """Send what the application queued, in order, until the answer is out (or the
+        client left, or it was cut)."""
+        outbox = self._outbox
+        try:
+            while not self.closed:
+                if outbox:
+                    message = outbox.popleft()
+                    if message["type"] == "http.response.start":
+                        self._head_out = True
+                    await send(message)
+                    if message["type"] == "http.response.body" and not message.get("more_body"):
+                        return
+                    continue
+                self._wake.clear()
+                await self._wake.wait()
+        except OSError as exc:  # the server's "client disconnected" (ASGI 2.4: an IOError)
+            log.debug("send to a disconnected client: %r", exc)
+            self._disconnected()
+
+
 class AgentLink(AsyncAgentHandle[AsgiLink]):
     """The mesh's handle on one connected agent: `await dispatch(...)`, `await wait_closed()`."""
 
@@ -325,6 +494,13 @@ class AsgiMesh(LoopTimer, AsyncioMeshApi, MeshDriver[AsgiLink]):
     `/agents` serves `/agents/connect`. `shutdown_grace` is the grace `lifespan.shutdown`
     gives running agents (None: `Config.close_grace`).
 
+    `http_app(request, responder)`, a coroutine function, answers every other HTTP request
+    as on the other drivers (an `HttpRequest` with the path below the mount point, and a
+    responder with `HttpResponder`'s calls); a body over `max_http_body_bytes` is answered
+    413 without calling it. Without it those requests get 404. `lifespan`, an async context
+    manager, runs for the server's lifetime: entered at `lifespan.startup` (mounted: by the
+    framework's lifespan through `lifespan_context`), left after `close()`.
+
     Configure the server as spec 4 says, which an ASGI application cannot do itself: the same
     message limit (uvicorn `ws_max_size=config.max_message_bytes`, hypercorn
     `websocket_max_message_size`) and no permessage-deflate (uvicorn
@@ -338,13 +514,23 @@ class AsgiMesh(LoopTimer, AsyncioMeshApi, MeshDriver[AsgiLink]):
                  dispatch_auth: MintDispatchAuth | None, config: Config | None = None,
                  resume_store: ResumeStore | None = None, max_connections: int = 10_000,
                  max_handshakes: int = 1024, path: str = CONNECT_PATH,
-                 shutdown_grace: float | None = None) -> None:
+                 shutdown_grace: float | None = None,
+                 http_app: Callable[[HttpRequest, HttpResponder], Awaitable[Any]] | None = None,
+                 max_http_body_bytes: int = 1 << 20,
+                 lifespan: _AsyncContext | None = None) -> None:
+        if max_http_body_bytes < 0:
+            raise ValueError("max_http_body_bytes must be >= 0")
         self.path = path
         self.shutdown_grace = shutdown_grace
+        self.max_http_body_bytes = max_http_body_bytes
+        self.lifespan = lifespan
         super().__init__(ssl_context=None, verify_token=verify_token,
                          lookup_instance=lookup_instance, dispatch_auth=dispatch_auth,
                          config=config, resume_store=resume_store,
                          max_connections=max_connections, max_handshakes=max_handshakes)
+        # Not given to the runtime: the server splits HTTP from WebSockets here, so no link
+        # of the runtime ever carries plain HTTP (its `serve_http` stays off).
+        self._http_app = http_app
 
     def _setup(self) -> None:
         self._arrived = asyncio.Event()
@@ -388,7 +574,10 @@ class AsgiMesh(LoopTimer, AsyncioMeshApi, MeshDriver[AsgiLink]):
         if kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "http":
-            await self._http(scope, send)
+            if self._http_app is None or self.serves(scope):
+                await self._refuse_http(scope, send)
+            else:
+                await self._http(scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -404,7 +593,7 @@ class AsgiMesh(LoopTimer, AsyncioMeshApi, MeshDriver[AsgiLink]):
             return path[len(root):] == self.path
         return root + path == self.path  # a framework that strips the mount point from `path`
 
-    async def _http(self, scope: Scope, send: Send) -> None:
+    async def _refuse_http(self, scope: Scope, send: Send) -> None:
         """Not a WebSocket: 426 on the endpoint (spec 1, as byte mode), 404 elsewhere."""
         if self.serves(scope):
             refusal = _refusal(426, "UPGRADE_REQUIRED",
@@ -412,18 +601,90 @@ class AsgiMesh(LoopTimer, AsyncioMeshApi, MeshDriver[AsgiLink]):
                                (("Upgrade", "websocket"),))
         else:
             refusal = _refusal(404, "NOT_FOUND", "no such endpoint")
-        await send({"type": "http.response.start", "status": refusal.status,
-                    "headers": _asgi_headers(refusal)})
-        await send({"type": "http.response.body", "body": refusal.body})
+        await _send_refusal(send, refusal)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """One request for `http_app`: its body, then the app beside a task that sends its
+        answer and one that watches for the client's disconnect (`responder.closed`).
+        Failures are answered as on the other drivers (`MeshDriver._http_async`)."""
+        body = await self._read_body(scope, receive, send)
+        if body is None:
+            return
+        responder = AsgiResponder()
+        loop = asyncio.get_running_loop()
+        writer = loop.create_task(responder._write(send))
+        watcher = loop.create_task(_watch_disconnect(receive, responder))
+        try:
+            await self._http_async(_http_request(scope, body), responder)
+            responder._finish()
+            await writer
+        finally:
+            for task in (writer, watcher):
+                task.cancel()
+            await asyncio.gather(writer, watcher, return_exceptions=True)
+
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send) -> bytes | None:
+        """The whole body, or None: the client left, or it is over `max_http_body_bytes`
+        (answered 413 then, by its `Content-Length` before any of it is read)."""
+        limit = self.max_http_body_bytes
+        too_large = _refusal(413, "PAYLOAD_TOO_LARGE", f"the body exceeds {limit} bytes")
+        for name, value in scope.get("headers", ()):
+            if name.lower() == b"content-length" and not (
+                    value.strip().isdigit() and int(value) <= limit):
+                await _send_refusal(send, too_large)
+                return None
+        pieces: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect
+                return None
+            piece: bytes = message.get("body", b"")
+            size += len(piece)
+            if size > limit:
+                await _send_refusal(send, too_large)
+                return None
+            pieces.append(piece)
+            if not message.get("more_body", False):
+                return b"".join(pieces)
+
+    @contextlib.asynccontextmanager
+    async def lifespan_context(self, app: Any = None) -> AsyncIterator[None]:
+        """The server's lifetime as `lifespan.startup` / `.shutdown` run it, for the
+        framework's lifespan when the mesh is mounted (a mounted app gets no lifespan events
+        of its own): `Starlette(routes=..., lifespan=mesh.lifespan_context)`."""
+        await self._startup()
+        try:
+            yield
+        finally:
+            await self._shutdown()
+
+    async def _startup(self) -> None:
+        if self.lifespan is not None:
+            await self.lifespan.__aenter__()
+
+    async def _shutdown(self) -> None:
+        """`close(shutdown_grace)`, then leave `lifespan` (whose tasks may use the mesh)."""
+        try:
+            await self.close(self.shutdown_grace)
+        finally:
+            if self.lifespan is not None:
+                await self.lifespan.__aexit__(None, None, None)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                try:
+                    await self._startup()
+                except Exception as exc:
+                    log.exception("lifespan startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 try:
-                    await self.close(self.shutdown_grace)
+                    await self._shutdown()
                 except Exception as exc:
                     await send({"type": "lifespan.shutdown.failed", "message": repr(exc)})
                 else:
