@@ -14,16 +14,23 @@ Two signals per instance, kept apart as the seed does:
 * connection status (`model.CONNECTION_STATUSES`): what the transport looks like, for the
   dashboard: `unknown`, `online`, `healthy`, `degraded`, `offline`.
 
-Why indexes and heaps: a routing decision must cost the same at 10 and at 10,000
+Why indexes and load buckets: a routing decision must cost the same at 10 and at 10,000
 instances. Every (tenant, capability) and (tenant, capability, agent_type) has an index
-whose heap holds only routable instances keyed `(leases held, last picked, instance_id)`,
-so the least-loaded, least-recently-picked instance is on top. Entries are never updated
-in place: a change gives the instance a new version and pushes a fresh entry; stale ones
-are popped when they surface, and a heap that grew much larger than its index is rebuilt
-(amortised O(1) per push). A heap is only built once a decision asks its index, so the
-capabilities and agent types nobody routes by cost no heap work per dispatch. Each index
-also counts its members by why they are blocked, so the error for "nothing routable" is
-chosen in O(1) too.
+that keeps its routable members in buckets by the number of leases they hold, plus the
+lowest non-empty load. A bucket is an insertion-ordered set (an `OrderedDict`: a plain
+dict used as a queue slows down as deleted slots pile up at its front), and an instance
+enters at the end of a bucket whenever it moves there, so the front of the lowest bucket
+is the least-loaded instance that has waited longest at that load: ties are served first
+in, first out, which is round robin over equals. A lease taken or given back moves the
+instance one bucket up or down, and the lowest load moves at most one step, so acquire and
+release are O(1), whatever the number of instances. Only when the last instance at the
+lowest load leaves the buckets (blocked, removed) is the next load looked for a few steps
+up, then over the distinct loads held: fewer than the largest cap, or with no cap the
+spread of loads, which least-loaded routing keeps narrow. The buckets are only built once
+a decision asks the index (members ordered by when each last changed load, so they are
+exactly what keeping them all along would have given), so the capabilities and agent types
+nobody routes by cost nothing per dispatch. Each index also counts its members by why they
+are blocked, so the error for "nothing routable" is chosen in O(1) too.
 
 Decided (where the spec leaves it open):
 
@@ -62,6 +69,7 @@ Decided (where the spec leaves it open):
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -86,9 +94,17 @@ _OUTCOMES = ("ok", "failed", "neutral")
 _ROUTABLE = "routable"
 _DISCONNECTED = "disconnected"  # connected mode without a socket, whatever its status
 
-_COMPACT_FACTOR = 3
+_Bucket: TypeAlias = "OrderedDict[_Instance, None]"
+"""The routable members of an index at one load, oldest arrival first: an insertion-ordered
+set, keyed by the record itself (hashed by identity: no string hashing or comparing)."""
+
+_NO_LOAD = 1 << 62
+"""An index's lowest load when no member is routable (above any lease count)."""
+_LOWEST_STEPS = 4
+"""How many loads up `_lowest` looks one by one before taking the minimum of all."""
+
 _COMPACT_SLACK = 32
-"""A heap is rebuilt once it holds more than `_COMPACT_FACTOR` times its members plus
+"""The timer heap is rebuilt once it holds more than twice the armed deadlines plus
 `_COMPACT_SLACK` entries: rarely enough that rebuilding costs O(1) per push amortised."""
 
 
@@ -178,59 +194,97 @@ class InstanceState:
 
 class _Index:
     """The instances of one tenant offering one capability (optionally of one agent type):
-    all members, a heap of the routable ones, and members counted by block reason."""
+    all members, the routable ones in buckets by lease count, and members counted by block
+    reason."""
 
-    __slots__ = ("counts", "heap", "members")
+    __slots__ = ("buckets", "counts", "low", "members", "spare")
 
     def __init__(self) -> None:
         self.members: dict[str, _Instance] = {}
         # None until the first routing decision asks this index: an index nobody routes
-        # by (a capability never called, an agent type never named) costs no heap work.
-        self.heap: list[tuple[int, int, str, int]] | None = None
+        # by (a capability never called, an agent type never named) costs no work per
+        # dispatch. Then {leases: routable members at that load, in order of arrival},
+        # non-empty buckets only.
+        self.buckets: dict[int, _Bucket] | None = None
+        self.low = _NO_LOAD  # the lowest key of `buckets` (`_NO_LOAD` when none)
+        # A bucket emptied, kept for the next load that needs one: an instance alone at
+        # the lowest load goes up and down every dispatch, without allocating.
+        self.spare: _Bucket | None = None
         self.counts: dict[str, int] = {}
 
+
     def add(self, inst: _Instance) -> None:
+        """A new member; it enters the buckets when `Router._refresh` places it."""
         self.members[inst.instance_id] = inst
         self.counts[inst.reason] = self.counts.get(inst.reason, 0) + 1
-        if self.heap is not None and inst.reason == _ROUTABLE:
-            self.push((inst.leases, inst.picked, inst.instance_id, inst.version))
 
     def discard(self, inst: _Instance) -> None:
-        """Heap entries of `inst` stay behind; they fail the version check."""
         if self.members.pop(inst.instance_id, None) is not None:
             self.counts[inst.reason] -= 1
+            if self.buckets is not None and inst.level >= 0:
+                self.move(inst, inst.level, -1)
 
-    def rebuild(self) -> list[tuple[int, int, str, int]]:
-        """A heap of exactly the routable members' live entries (activation, compaction)."""
-        heap = [
-            (m.leases, m.picked, m.instance_id, m.version)
-            for m in self.members.values()
-            if m.reason == _ROUTABLE
-        ]
-        heapq.heapify(heap)
-        self.heap = heap
-        return heap
+    def activate(self) -> dict[int, _Bucket]:
+        """Build the buckets (once, O(members log members)): the routable members, each
+        bucket ordered by when its members last changed load, as `move` would have."""
+        buckets: dict[int, _Bucket] = {}
+        self.buckets = buckets
+        for m in sorted(self.members.values(), key=_moved):
+            if m.level >= 0:
+                bucket = buckets.get(m.level)
+                if bucket is None:
+                    buckets[m.level] = bucket = OrderedDict()
+                bucket[m] = None
+        self.low = min(buckets, default=_NO_LOAD)
+        return buckets
 
-    def push(self, entry: tuple[int, int, str, int]) -> None:
-        """Only called on an active index (`heap` not None)."""
-        heap = self.heap
-        assert heap is not None
-        heapq.heappush(heap, entry)
-        if len(heap) > _COMPACT_FACTOR * len(self.members) + _COMPACT_SLACK:
-            self.rebuild()
+    def move(self, inst: _Instance, old: int, new: int) -> None:
+        """Move `inst` from bucket `old` to the end of bucket `new` (-1: none). O(1) when
+        the loads are adjacent, as for a lease taken or given back. Active index only."""
+        buckets = self.buckets
+        assert buckets is not None
+        if new >= 0:
+            bucket = buckets.get(new)
+            if bucket is None:
+                bucket = self.spare
+                if bucket is None:
+                    bucket = OrderedDict()
+                else:
+                    self.spare = None
+                buckets[new] = bucket
+            bucket[inst] = None
+            self.low = min(self.low, new)
+        if old >= 0:
+            bucket = buckets[old]
+            del bucket[inst]
+            if not bucket:
+                del buckets[old]
+                self.spare = bucket
+                if old == self.low:
+                    self.low = _lowest(buckets, old + 1)
 
     def top(self) -> _Instance | None:
-        """The least-loaded, least-recently-picked routable member, popping stale entries.
-        The first call activates the index: O(members) once, O(log n) from then on."""
-        heap = self.heap if self.heap is not None else self.rebuild()
-        members = self.members
-        while heap:
-            entry = heap[0]
-            inst = members.get(entry[2])
-            if inst is not None and inst.version == entry[3]:
-                return inst
-            heapq.heappop(heap)
-        return None
+        """The least-loaded routable member that has waited longest at its load. O(1);
+        the first call activates the index."""
+        buckets = self.buckets if self.buckets is not None else self.activate()
+        if not buckets:
+            return None
+        for inst in buckets[self.low]:
+            return inst
+        raise AssertionError("empty bucket")  # pragma: no cover - buckets are non-empty
+
+
+def _moved(inst: _Instance) -> int:
+    return inst.moved
+
+
+def _lowest(buckets: dict[int, _Bucket], start: int) -> int:
+    """The lowest load held in `buckets`, all of which are >= `start`: a few steps up from
+    `start` (a lease taken moves the lowest load one step), else over the loads held."""
+    for level in range(start, start + _LOWEST_STEPS):
+        if level in buckets:
+            return level
+    return min(buckets, default=_NO_LOAD)
 
 
 class _Instance:
@@ -254,17 +308,16 @@ class _Instance:
         "last_heartbeat_at",
         "lease_ids",
         "leases",
+        "level",
         "load",
         "max_sessions",
-        "picked",
-        "pushed_key",
+        "moved",
         "reason",
         "reported_active",
         "routing_status",
         "stale",
         "tenant_id",
         "timer_token",
-        "version",
     )
 
     def __init__(self, instance_id: str, tenant_id: str) -> None:
@@ -286,14 +339,15 @@ class _Instance:
         self.deregister_emitted = False
         self.leases = 0
         self.lease_ids: set[int] = set()
-        self.picked = 0  # sequence number of the last time it was picked; 0: never
         self.last_heartbeat_at: float | None = None
         self.last_dispatch_error: dict[str, Any] | None = None
         self.reported_active: int | None = None
         self.load: float | None = None
         self.reason = _ROUTABLE
-        self.version = 0
-        self.pushed_key: tuple[int, int] | None = None  # heap key of the live entries
+        # The load bucket it is in, in every active index it belongs to: its leases while
+        # routable, -1 while not (then in no bucket); `moved` orders arrivals in a bucket.
+        self.level = -1
+        self.moved = 0
         self.timer_token = 0  # 0: no heartbeat deadline armed
         self.indexes: list[_Index] = []
 
@@ -314,12 +368,12 @@ class Router:
         self._instances: dict[str, _Instance] = {}
         self._by_cap: dict[tuple[str, str], _Index] = {}
         self._by_type: dict[tuple[str, str, str], _Index] = {}
-        self._lease_owner: dict[int, str] = {}
+        # Outstanding lease -> its live instance (`remove` drops its leases from here).
+        self._lease_owner: dict[int, _Instance] = {}
         self._timers: list[tuple[float, int, str]] = []
         self._changes: list[Change] = []
         self._next_lease = 0
-        self._next_version = 0
-        self._next_pick = 0
+        self._next_move = 0
         self._next_timer = 0
         self._armed = 0
 
@@ -341,30 +395,39 @@ class Router:
         A new instance starts `unknown` / `unknown` and starts no heartbeat clock (that
         starts at connect, or at a hosted instance's first heartbeat). Registering again
         keeps its leases, counters and statuses, since dispatches may be in flight; only
-        the declared shape (tenant, type, mode, capabilities, cap) is replaced. `now` is
-        taken for symmetry with the other calls; registration itself reads no time.
+        the declared shape (tenant, type, mode, capabilities, cap) is replaced. With the
+        same tenant, type and capabilities it also keeps its place among equally loaded
+        instances; otherwise it joins its indexes as the newest arrival at its load. `now`
+        is taken for symmetry with the other calls; registration itself reads no time.
         """
         if deployment_mode not in _DEPLOYMENT_MODES:
             raise ValueError("deployment_mode must be 'connected' or 'hosted'")
         if max_concurrent_sessions < 0:
             raise ValueError("max_concurrent_sessions must be >= 0")
         caps = tuple(dict.fromkeys(capabilities))
+        cap_set = frozenset(caps)
         inst = self._instances.get(instance_id)
+        reindex = True
         if inst is None:
             inst = _Instance(instance_id, tenant_id)
             self._instances[instance_id] = inst
+        elif (inst.tenant_id, inst.agent_type, inst.capability_set) == (
+            tenant_id,
+            agent_type,
+            cap_set,
+        ):
+            reindex = False  # the same indexes: `_refresh` moves it only if its load does
         else:
             self._unindex(inst)
         inst.tenant_id = tenant_id
         inst.agent_type = agent_type
         inst.deployment_mode = deployment_mode
         inst.capabilities = caps
-        inst.capability_set = frozenset(caps)
+        inst.capability_set = cap_set
         inst.max_sessions = max_concurrent_sessions
-        inst.reason = self._reason(inst)
-        inst.version = self._bump()
-        inst.pushed_key = (inst.leases, inst.picked) if inst.reason == _ROUTABLE else None
-        self._index(inst)
+        if reindex:
+            inst.reason = self._reason(inst)
+            self._index(inst)
         self._refresh(inst)
 
     def remove(self, instance_id: str) -> None:
@@ -463,7 +526,7 @@ class Router:
 
         Restricted to the caller's tenant, the capability, and `agent_type` /
         `instance_id` when given; among routable instances the one with the fewest leases
-        wins, ties going to the least recently picked (round robin over equals). O(log n).
+        wins, ties going to the one at that load longest (round robin over equals). O(1).
         Raises RouteError: explicit instance unknown / other tenant / other type -> 404
         INSTANCE_NOT_FOUND, lacking the capability -> 503 AGENT_UNAVAILABLE, without its
         socket -> 502 AGENT_DISCONNECTED, unhealthy -> 502 AGENT_UNHEALTHY, busy / offline
@@ -531,11 +594,10 @@ class Router:
         """
         if outcome not in _OUTCOMES:
             raise ValueError("outcome must be 'ok', 'failed' or 'neutral'")
-        owner = self._lease_owner.get(lease.lease_id)
-        if owner is None or owner != lease.instance_id:
+        inst = self._lease_owner.get(lease.lease_id)
+        if inst is None or inst.instance_id != lease.instance_id:
             return
         del self._lease_owner[lease.lease_id]
-        inst = self._instances[owner]
         inst.lease_ids.discard(lease.lease_id)
         inst.leases -= 1
         deregister = False
@@ -643,19 +705,12 @@ class Router:
 
     # --- internals ----------------------------------------------------------------------
 
-    def _bump(self) -> int:
-        """A router-wide version, so entries of a removed instance never match a new one."""
-        self._next_version += 1
-        return self._next_version
-
     def _take(self, inst: _Instance) -> Lease:
         self._next_lease += 1
-        self._next_pick += 1
         lease_id = self._next_lease
         inst.leases += 1
         inst.lease_ids.add(lease_id)
-        inst.picked = self._next_pick
-        self._lease_owner[lease_id] = inst.instance_id
+        self._lease_owner[lease_id] = inst
         self._refresh(inst)
         return Lease(
             lease_id=lease_id,
@@ -682,7 +737,7 @@ class Router:
 
     def _refresh(self, inst: _Instance) -> None:
         """Recompute the routing status after any change, queue the change, and keep
-        the indexes' counts and heaps in step."""
+        the indexes' counts and load buckets in step."""
         status = self._status(inst)
         if status != "unknown":
             inst.confirmed = True
@@ -699,20 +754,16 @@ class Router:
                 counts[old] -= 1
                 counts[reason] = counts.get(reason, 0) + 1
             inst.reason = reason
-        if reason != _ROUTABLE:
-            if inst.pushed_key is not None:
-                inst.pushed_key = None
-                inst.version = self._bump()
+        level = inst.leases if reason == _ROUTABLE else -1
+        old_level = inst.level
+        if level == old_level:
             return
-        key = (inst.leases, inst.picked)
-        if key == inst.pushed_key:
-            return
-        inst.pushed_key = key
-        inst.version = version = self._bump()
-        entry = (key[0], key[1], inst.instance_id, version)
+        inst.level = level
+        self._next_move += 1
+        inst.moved = self._next_move
         for index in inst.indexes:
-            if index.heap is not None:
-                index.push(entry)
+            if index.buckets is not None:
+                index.move(inst, old_level, level)
 
     def _set_connection(self, inst: _Instance, status: str) -> None:
         if status != inst.connection_status:
@@ -747,6 +798,7 @@ class Router:
                 if not type_index.members:
                     del self._by_type[type_key]
         inst.indexes = []
+        inst.level = -1  # in no bucket now; `_refresh` places it again
 
     def _arm(self, inst: _Instance, now: float) -> None:
         """(Re)start the missed-heartbeat clock; earlier heap entries go stale."""

@@ -561,18 +561,17 @@ def test_take_changes_order_and_clearing() -> None:
 # --- scale and properties ---------------------------------------------------------------
 
 
-def test_stale_heap_entries_stay_bounded() -> None:
+def test_indexes_hold_each_routable_member_once_and_build_only_when_asked() -> None:
     router = Router()
     for n in range(10):
         add(router, f"i{n}", caps=(CAP, "rare"))
-    done(router, router.acquire(T, "rare", now=0.0))  # both indexes now have a heap
+    done(router, router.acquire(T, "rare", now=0.0))  # both indexes are built now
     for _ in range(2_000):
         done(router, take(router))
-    # the "rare" index is never popped from again, yet compaction keeps it small
     for key, index in router._by_cap.items():
-        assert index.heap is not None
-        assert len(index.heap) <= 3 * len(index.members) + 32 + 1, key
-    assert all(index.heap is None for index in router._by_type.values())  # never asked
+        assert index.buckets is not None
+        assert sum(len(bucket) for bucket in index.buckets.values()) == len(index.members), key
+    assert all(index.buckets is None for index in router._by_type.values())  # never asked
 
 
 OPS = st.lists(
