@@ -212,7 +212,6 @@ class _Index:
         self.spare: _Bucket | None = None
         self.counts: dict[str, int] = {}
 
-
     def add(self, inst: _Instance) -> None:
         """A new member; it enters the buckets when `Router._refresh` places it."""
         self.members[inst.instance_id] = inst
