@@ -23,6 +23,7 @@ ALGORITHM: Final = "HS256"
 _REQUIRED: Final = ("sub", "tenant_id", "iat", "exp", "iss")
 _MIN_SECRET_BYTES: Final = 32
 _MAX_TOKEN_CHARS: Final = 8192
+_CACHED_TOKENS: Final = 4096
 
 
 class InvalidToken(Exception):
@@ -46,7 +47,7 @@ class TokenIssuer:
     """Issues and verifies the mesh's transport JWTs (claims `sub`, `tenant_id`, `iat`,
     `exp`, `iss`, spec 1)."""
 
-    __slots__ = ("_issuer", "_leeway", "_secret", "_ttl")
+    __slots__ = ("_issuer", "_leeway", "_secret", "_ttl", "_verified")
 
     def __init__(
         self,
@@ -69,6 +70,10 @@ class TokenIssuer:
         self._issuer = issuer
         self._ttl = ttl
         self._leeway = leeway
+        # Tokens whose signature and claims checked out, by their text: every control-plane
+        # call and every upgrade of one client repeats the same token, and the HMAC and
+        # JSON decoding are most of a call's cost. Bounded; the times are checked each use.
+        self._verified: dict[str, tuple[dict[str, Any], float, float]] = {}
 
     def __repr__(self) -> str:
         # Never the secret.
@@ -107,6 +112,10 @@ class TokenIssuer:
         """
         if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS:
             raise InvalidToken("malformed token")
+        cached = self._verified.get(token)
+        if cached is not None:
+            self._check_times(cached[1], cached[2], wall)
+            return dict(cached[0])
         try:
             claims = jwt.decode(
                 token,
@@ -135,8 +144,14 @@ class TokenIssuer:
         exp: Any = claims.get("exp")
         if not _is_number(iat) or not _is_number(exp):
             raise InvalidToken("iat and exp must be numbers")
+        self._check_times(iat, exp, wall)
+        if len(self._verified) >= _CACHED_TOKENS:
+            self._verified.clear()
+        self._verified[token] = (dict(claims), iat, exp)
+        return dict(claims)
+
+    def _check_times(self, iat: float, exp: float, wall: float) -> None:
         if iat > wall + self._leeway:
             raise InvalidToken("token issued in the future")
         if exp <= wall - self._leeway:
             raise InvalidToken("token expired")
-        return dict(claims)

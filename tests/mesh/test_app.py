@@ -143,11 +143,11 @@ def test_agent_events_keep_the_fleet_in_step(parts: MeshParts) -> None:
     assert parts.fleet.status("a-1")["connection_status"] == "offline"  # type: ignore[index]
 
 
-def test_verified_tokens_are_cached_until_they_expire(parts: MeshParts) -> None:
-    import time
-
-    token, _ = parts.tokens.issue("client", "t", time.time())
-    assert parts.verify_token(token)["tenant_id"] == "t"
-    assert parts.verify_token(token) is parts.verify_token(token)
+def test_verified_tokens_are_remembered_but_still_expire(parts: MeshParts) -> None:
+    token, _ = parts.tokens.issue("client", "t", 1_000.0)
+    assert parts.tokens.verify(token, 1_000.0)["tenant_id"] == "t"
+    assert parts.tokens.verify(token, 1_000.0) == parts.tokens.verify(token, 1_100.0)
     with pytest.raises(InvalidToken):
-        parts.verify_token(token[:-2] + "xx")
+        parts.tokens.verify(token, 1_000.0 + 3_600 + 10)  # the remembered one expires too
+    with pytest.raises(InvalidToken):
+        parts.tokens.verify(token[:-2] + "xx", 1_000.0)
