@@ -170,10 +170,17 @@ class MeshParts:
 
     def mint(self, route: DispatchRoute) -> Any:
         """The spec 7 envelope for one dispatch, by what the instance registered; raising
-        fails the dispatch `AGENT_UNHEALTHY` and sends nothing (fail closed)."""
-        state = self.router.get(route.instance_id)
-        row = self.registry.get_instance(route.instance_id) if state is None else None
-        mode = self._auth_type(route.instance_id, row)
+        fails the dispatch `AGENT_UNHEALTHY` and sends nothing (fail closed).
+
+        The type comes from the fleet's memory (kept with every registry write it makes),
+        not the registry: this runs for every dispatch. A shared secret is read from the
+        registry when one is minted, and decrypted there: it is never kept in the clear."""
+        mode = self.fleet.dispatch_auth_type(route.instance_id)
+        if mode is None:
+            raise LookupError(f"instance {route.instance_id} is not registered")
+        return self._envelope(route, mode)
+
+    def _envelope(self, route: DispatchRoute, mode: str) -> Any:
         if mode == "shared_secret":
             secret = self.registry.instance_secret(route.instance_id)
             if not secret:
@@ -183,13 +190,6 @@ class MeshParts:
             instance_id=route.instance_id, agent_type=route.agent_type,
             tenant_id=route.tenant_id, dispatch_id=route.dispatch_id,
             capability=route.capability, now=route.now))
-
-    def _auth_type(self, instance_id: str, row: Any) -> str:
-        if row is None:
-            row = self.registry.get_instance(instance_id)
-        if row is None:
-            raise LookupError(f"instance {instance_id} is not registered")
-        return str(row.dispatch_auth_type)
 
     def dispatch_auth(self) -> Callable[[DispatchRoute], Any] | None:
         return self.mint if self.settings.dispatch_auth_enabled else None
@@ -241,10 +241,15 @@ class MeshParts:
         if dispatch.session_context:
             body["session_context"] = dispatch.session_context
         if self.settings.dispatch_auth_enabled:
-            envelope = self.mint(DispatchRoute(
+            # A hosted dispatch is an HTTPS request anyway: its envelope goes by the record
+            # itself, so one gone from under the fleet fails closed here too.
+            row = self.registry.get_instance(lease.instance_id)
+            if row is None:
+                raise LookupError(f"instance {lease.instance_id} is not registered")
+            envelope = self._envelope(DispatchRoute(
                 instance_id=lease.instance_id, agent_type=lease.agent_type,
                 tenant_id=lease.tenant_id, dispatch_id=dispatch_id,
-                capability=dispatch.capability, now=time.time()))
+                capability=dispatch.capability, now=time.time()), row.dispatch_auth_type)
             body["dispatch_auth"] = msgspec.to_builtins(envelope)
         return msgspec.json.encode(body)
 
@@ -271,7 +276,8 @@ class MeshParts:
 
     @staticmethod
     def log_outcome(dispatch: Dispatch, outcome: Outcome, seconds: float, via: str) -> None:
-        """One INFO line per dispatch outcome, what `svantic mesh` users watch."""
+        """One INFO line per dispatch outcome, what `svantic mesh` users watch (formatted
+        lazily, by the handlers that write it; nothing at all with INFO off)."""
         if not dispatch_log.isEnabledFor(logging.INFO):
             return
         lease = dispatch.lease
@@ -606,8 +612,11 @@ class _Serving:
         if error is None:
             return Outcome(dispatch_id, result=result)
         if isinstance(error, DispatchError):
-            code = "AGENT_DISCONNECTED" if error.code == "AGENT_UNAVAILABLE" else error.code
-            return Outcome(dispatch_id, code=code, message=error.message)
+            # The runtime's own refusal (no dispatch id: the socket went after routing) is
+            # AGENT_DISCONNECTED; an agent's AGENT_UNAVAILABLE (busy) keeps its code.
+            gone = error.code == "AGENT_UNAVAILABLE" and not error.dispatch_id
+            return Outcome(dispatch_id, code="AGENT_DISCONNECTED" if gone else error.code,
+                           message=error.message)
         return Outcome(dispatch_id, code="AGENT_UNAVAILABLE",  # it asked to close meanwhile
                        message="the agent is closing: try again")
 

@@ -539,6 +539,9 @@ class ControlPlane:
         self._handlers: dict[str, _Handler] = {
             route.name: getattr(self, f"_h_{route.name}") for route in _ROUTES.values()
         }
+        # The fleet's live view of who owns an instance, when it has one (`Fleet.tenant_of`):
+        # the ownership checks on the hot paths read memory, not the registry.
+        self._tenant_of: Callable[[str], str | None] | None = getattr(fleet, "tenant_of", None)
 
     @property
     def dispatch_auth_enabled(self) -> bool:
@@ -629,6 +632,17 @@ class ControlPlane:
         if row is None or row.tenant_id != tenant:
             raise _Fail(error_response(404, "INSTANCE_NOT_FOUND", "no such instance"))
         return row
+
+    def _check_own(self, tenant: str, instance_id: str) -> None:
+        """`_own_instance` where the row itself is not needed: the fleet's live state
+        answers for an instance it holds (it holds every registered one, written with the
+        record), the registry for any other."""
+        tenant_of = self._tenant_of
+        owner = tenant_of(instance_id) if tenant_of is not None else None
+        if owner is None:
+            self._own_instance(tenant, instance_id)
+        elif owner != tenant:
+            raise _Fail(error_response(404, "INSTANCE_NOT_FOUND", "no such instance"))
 
     # -- /auth/token ------------------------------------------------------------------
 
@@ -879,7 +893,7 @@ class ControlPlane:
                 raise _Invalid("load must be a number between 0 and 1")
             load = float(load_value)
         _obj(body, "health")
-        self._own_instance(tenant, instance_id)
+        self._check_own(tenant, instance_id)
         try:
             routing_status = self._fleet.heartbeat(
                 instance_id,
@@ -1036,7 +1050,7 @@ class ControlPlane:
                 return error_response(404, "SESSION_NOT_FOUND", "no such open session")
             context["session_id"] = session_id
         if instance_id is not None:
-            self._own_instance(tenant, instance_id)
+            self._check_own(tenant, instance_id)
         try:
             lease = self._fleet.acquire(
                 tenant, capability, agent_type=agent_type, instance_id=instance_id, now=now

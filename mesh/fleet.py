@@ -170,6 +170,9 @@ class Fleet:
         self._tool_routes: dict[int, _ToolEntry] = {}
         self._chains: dict[tuple[str, str], dict[int, _ToolEntry]] = {}
         self._at_instance: dict[str, dict[int, int]] = {}
+        # Every registered instance's tenant and dispatch-auth type, kept with the router's
+        # entries (`_upsert`, `deregister`): a dispatch reads them here, never the database.
+        self._known: dict[str, tuple[str, str]] = {}
 
     # --- start-up -------------------------------------------------------------------------
 
@@ -278,6 +281,7 @@ class Fleet:
         state = self.router.get(instance_id)
         deleted = self.registry.delete_instance(instance_id)
         self.router.remove(instance_id)
+        self._known.pop(instance_id, None)
         if instance_id in self._sockets:
             self._sockets.discard(instance_id)
             if self.metrics is not None:
@@ -442,6 +446,20 @@ class Fleet:
         self._apply(now, wall)
 
     # --- reading --------------------------------------------------------------------------
+
+    def tenant_of(self, instance_id: str) -> str | None:
+        """The tenant a registered instance belongs to, from memory (None: not registered
+        here). The control plane's ownership check on every dispatch reads this."""
+        known = self._known.get(instance_id)
+        return None if known is None else known[0]
+
+    def dispatch_auth_type(self, instance_id: str) -> str | None:
+        """The dispatch-auth type the instance registered (`svantic_jwt`, `shared_secret`),
+        from memory (None: not registered here): every dispatch's envelope is minted by it,
+        so it is kept with the routing state rather than read from the registry each time.
+        The registry stays the record; this follows every write the fleet makes to it."""
+        known = self._known.get(instance_id)
+        return None if known is None else known[1]
 
     def status(self, instance_id: str) -> dict[str, Any] | None:
         """The `/agents/get_connection` answer for one instance (spec 6), or None: live
@@ -617,6 +635,7 @@ class Fleet:
             max_concurrent_sessions=row.max_concurrent_sessions,
             now=now,
         )
+        self._known[row.instance_id] = (row.tenant_id, row.dispatch_auth_type)
 
     def _sync_record(self, row: InstanceRow) -> None:
         """Write the router's statuses to a record that says otherwise (start-up)."""

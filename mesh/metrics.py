@@ -110,17 +110,37 @@ class MeshMetrics:
             "svantic_tool_calls_total", "Agent tool calls that ended, by outcome.",
             ("outcome",), registry=r,
         )
+        # The labelled children by label values: `.labels()` checks and looks them up under
+        # a lock on every call, and a dispatch ends thousands of times a second. The keys
+        # are label values, a small fixed set (see the module doc), so these stay small.
+        self._finished: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._tool_children: dict[str, Counter] = {}
         # Zero series up front, so a dashboard sees `0`, not "no data", before any traffic.
         for transport in TRANSPORTS:
-            self._dispatches.labels(transport, "ok")
-            self._dispatch_latency.labels(transport)
-        self._tool_calls.labels("ok")
+            self._finished_children(transport, "ok")
+        self._tool_child("ok")
 
     def dispatch_finished(self, transport: str, outcome: str | None, seconds: float) -> None:
         """One dispatch ended: `outcome` is None or "ok" on success, else its error code."""
-        t = _transport(transport)
-        self._dispatches.labels(t, outcome_label(outcome)).inc()
-        self._dispatch_latency.labels(t).observe(max(0.0, seconds))
+        label = "ok" if outcome is None else outcome_label(outcome)
+        children = self._finished.get((transport, label))
+        if children is None:
+            children = self._finished_children(transport, label)
+        count, latency = children
+        count.inc()
+        latency.observe(max(0.0, seconds))
+
+    def _finished_children(self, transport: str, label: str) -> tuple[Counter, Histogram]:
+        t = _transport(transport)  # checked before it becomes a key: the keys stay bounded
+        children = (self._dispatches.labels(t, label), self._dispatch_latency.labels(t))
+        self._finished[(t, label)] = children
+        return children
+
+    def _tool_child(self, label: str) -> Counter:
+        child = self._tool_children.get(label)
+        if child is None:
+            child = self._tool_children[label] = self._tool_calls.labels(label)
+        return child
 
     def routing_decision(self, seconds: float) -> None:
         self._routing_latency.observe(max(0.0, seconds))
@@ -141,7 +161,7 @@ class MeshMetrics:
 
     def tool_call(self, outcome: str | None) -> None:
         """One tool call answered: None or "ok" on success, else its error code."""
-        self._tool_calls.labels(outcome_label(outcome)).inc()
+        self._tool_child(outcome_label(outcome)).inc()
 
     def render(self) -> tuple[str, bytes]:
         """The `Content-Type` and body of a `GET /metrics` answer."""
