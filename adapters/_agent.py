@@ -24,7 +24,7 @@ from svantic_proto.agent_runtime import (
     StartHandler,
     Stopped,
 )
-from svantic_proto.capabilities import Capability, Handler
+from svantic_proto.capabilities import Capability, CapabilityRegistry, Handler
 from svantic_proto.events import ConnectionClosed, Event, SessionStarted
 
 from ._dial import dial_failure
@@ -66,12 +66,18 @@ class AgentDriver(Generic[TokenT]):
                  ssl_context: ssl.SSLContext | None = None, cafile: str | None = None,
                  config: Config | None = None, session: AgentSession | None = None,
                  token_provider: Callable[[], TokenT] | None = None,
-                 allow_insecure_loopback: bool = False) -> None:
+                 allow_insecure_loopback: bool = False,
+                 capabilities: CapabilityRegistry | None = None,
+                 max_concurrent_sessions: int = 0) -> None:
+        # `capabilities`: a registry defined elsewhere (the SDK's `Agent`), shared as is, so
+        # what is added to it later is dispatchable at once; `max_concurrent_sessions`: the
+        # runtime's limit (0: none), see `AgentRuntime`.
         self.runtime = AgentRuntime(
             url, token=token, instance_id=instance_id, dispatch_auth=dispatch_auth,
-            agent_type=agent_type, config=config, session=session,
+            agent_type=agent_type, config=config, session=session, capabilities=capabilities,
             token_refresher=token_provider is not None,
-            allow_insecure_loopback=allow_insecure_loopback, wall_clock=time.time)
+            allow_insecure_loopback=allow_insecure_loopback,
+            max_concurrent_sessions=max_concurrent_sessions, wall_clock=time.time)
         self._ssl = client_ssl_context(ssl_context, cafile) if self.runtime.tls else None
         self._token_provider = token_provider
         self.link: Any = None
@@ -116,17 +122,24 @@ class AgentDriver(Generic[TokenT]):
         return self.runtime.last_started
 
     def capability(self, name: str | None = None, *, description: str = "",
-                   parameters: Mapping[str, Any] | None = None
+                   parameters: Mapping[str, Any] | None = None, blocking: bool = False
                    ) -> Callable[[Handler], Handler]:
-        """Decorator: define a capability; its JSON Schema `parameters` is checked now."""
+        """Decorator: define a capability; its JSON Schema `parameters` is checked now.
+        `blocking=True`: a plain function that may block runs in a worker thread."""
         return self.runtime.capabilities.capability(name, description=description,
-                                                    parameters=parameters)
+                                                    parameters=parameters, blocking=blocking)
 
     def add(self, name: str, handler: Handler, *, description: str = "",
-            parameters: Mapping[str, Any] | None = None) -> Capability:
+            parameters: Mapping[str, Any] | None = None, blocking: bool = False
+            ) -> Capability:
         """Define a capability without the decorator."""
         return self.runtime.capabilities.add(name, handler, description=description,
-                                             parameters=parameters)
+                                             parameters=parameters, blocking=blocking)
+
+    def set_max_concurrent_sessions(self, limit: int) -> None:
+        """Change how many handlers run at once (0: no limit); heartbeats report it."""
+        self.runtime.set_max_concurrent_sessions(limit)
+        self.pump.service()
 
     def refresh_token(self, token: str) -> bool:
         """Use a fresh transport JWT: now through `token_refresh`, and for every reconnect.

@@ -1,6 +1,7 @@
 """Handlers as asyncio tasks, for the asyncio adapter and the anyio adapter on the asyncio
 backend: a plain function answers at once, a coroutine runs in a task of its own from its
-first line, started eagerly."""
+first line, started eagerly, and a capability marked `blocking` runs in the loop's default
+executor (a worker thread), its `chunk` and `call_tool` handed back to the loop's thread."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any
 
 from svantic_proto.agent_runtime import StartHandler
 
-__all__ = ["spawn_handler", "start_handler"]
+__all__ = ["loop_portal", "spawn_handler", "start_handler", "start_in_thread"]
 
 
 def start_handler(handler: Callable[..., Any], arguments: Any, context: Any,
@@ -118,11 +119,57 @@ def _answer(agent: Any, dispatch_id: str, kind: str, *args: Any) -> None:
         agent._cancelled(dispatch_id)
 
 
+def loop_portal(loop: asyncio.AbstractEventLoop) -> Callable[..., Any]:
+    """`DispatchContext.portal` for a handler in a worker thread: `portal(function, *args)`
+    runs `function` in `loop`'s thread (the runtime is not thread-safe), awaits what it
+    returns if that is awaitable, and blocks the worker thread for the result (or raises
+    its exception there). Called from the loop's own thread it calls straight through."""
+
+    def portal(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            return function(*args, **kwargs)
+
+        async def call() -> Any:
+            result = function(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result()
+
+    return portal
+
+
+def start_in_thread(handler: Callable[..., Any], arguments: Any, context: Any,
+                    answer: Callable[..., None]) -> asyncio.Task[None]:
+    """Run a plain handler that may block in the loop's default executor, so the loop (and
+    every other dispatch) keeps going; the task that waits for it is the one to cancel.
+    A cancelled wait answers at once; the thread cannot be interrupted, sees
+    `context.cancelled`, and its late chunks fail (the dispatch has ended)."""
+    loop = asyncio.get_running_loop()
+    context.portal = loop_portal(loop)
+    thread_context = contextvars.copy_context()  # its own: a context runs in one thread
+
+    async def in_thread() -> Any:
+        return await loop.run_in_executor(None, thread_context.run, handler, arguments,
+                                          context)
+
+    return loop.create_task(finish_handler(in_thread(), answer))
+
+
 def spawn_handler(agent: Any, start: StartHandler) -> None:
     """`start_handler` for an agent: its task, while it runs, is the agent's to cancel."""
     dispatch_id = start.dispatch_id
-    task = start_handler(start.handler, start.arguments, start.context,
-                         functools.partial(_answer, agent, dispatch_id))
+    answer = functools.partial(_answer, agent, dispatch_id)
+    task: asyncio.Task[None] | None
+    if start.blocking:
+        task = start_in_thread(start.handler, start.arguments, start.context, answer)
+    else:
+        task = start_handler(start.handler, start.arguments, start.context, answer)
     if task is not None:
         handlers = agent._handlers
         handlers[dispatch_id] = task

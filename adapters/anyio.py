@@ -22,7 +22,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, cast
 
 import anyio
+import anyio.from_thread
 import anyio.lowlevel
+import anyio.to_thread
 from anyio.abc import ByteStream, Listener, SocketAttribute, TaskGroup
 from anyio.streams.tls import TLSStream
 
@@ -127,7 +129,13 @@ class Agent(TaskTimer, AgentDriver[Awaitable[str]]):
         try:
             with scope:
                 try:
-                    result = start.handler(start.arguments, start.context)
+                    if start.blocking:  # a plain function that may block: a worker thread
+                        start.context.portal = _thread_portal
+                        result = await anyio.to_thread.run_sync(
+                            start.handler, start.arguments, start.context,
+                            abandon_on_cancel=True)
+                    else:
+                        result = start.handler(start.arguments, start.context)
                     if inspect.isawaitable(result):
                         result = await result
                 except Exception as exc:  # a handler failure is the dispatch's failure
@@ -221,6 +229,19 @@ class Agent(TaskTimer, AgentDriver[Awaitable[str]]):
             self.runtime.stop(self._now(), grace)
             self.pump.service()
             await self._finished.wait()
+
+
+def _thread_portal(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`DispatchContext.portal` on trio: from the handler's worker thread, run `function` in
+    the event loop's thread (awaiting what it returns) and block for its result."""
+
+    async def call() -> Any:
+        result = function(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    return anyio.from_thread.run(call)
 
 
 connect = Agent

@@ -134,6 +134,8 @@ class StartHandler:
     handler: Handler
     arguments: Mapping[str, Any]
     context: DispatchContext
+    blocking: bool = False
+    """A plain function that may block: an async driver runs it in a worker thread."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +168,12 @@ class AgentRuntime:
     `token_refresher` says whether the driver has a token provider: without one, a 401
     or `AUTH_EXPIRED` is retried with the same token. `wall_clock` gives Unix time to
     the core (frame `ts`, dispatch-auth `exp` checks): the driver passes `time.time`.
+
+    `max_concurrent_sessions` (0: no limit) bounds the handlers running at once: a dispatch
+    beyond it is refused `AGENT_UNAVAILABLE` ("busy") without running user code. The mesh
+    counts its leases against the same number and should not send more; the refusal covers
+    a mesh that does (or a cap lowered at run time). Heartbeats report the limit, the
+    running count as `active_sessions`, and status `busy` while at the limit.
     """
 
     def __init__(self, url: str, *, token: str, instance_id: str,
@@ -173,6 +181,7 @@ class AgentRuntime:
                  config: Config | None = None, session: AgentSession | None = None,
                  capabilities: CapabilityRegistry | None = None,
                  token_refresher: bool = False, allow_insecure_loopback: bool = False,
+                 max_concurrent_sessions: int = 0,
                  wall_clock: Callable[[], float]) -> None:
         # A bad URL, token or instance id raises here, at once, not in the first attempt.
         build_upgrade_request(url, token=token, instance_id=instance_id,
@@ -204,6 +213,11 @@ class AgentRuntime:
         self._cancel_sent: set[str] = set()
         self._now = 0.0
         self.handler_runs = 0
+        self.max_concurrent_sessions = 0
+        self._reported: str | None = None  # the load status the connection was last given
+        self._reporting = False  # heartbeats carry the limit once one was ever set
+        if max_concurrent_sessions:
+            self.set_max_concurrent_sessions(max_concurrent_sessions)
         self.last_closed: ConnectionClosed | None = None
         self.last_started: SessionStarted | None = None
         self._tool_waiters: dict[str, Any] = {}  # call id -> its waiter
@@ -219,6 +233,23 @@ class AgentRuntime:
     @property
     def running_handlers(self) -> int:
         return len(self._running)
+
+    @property
+    def load_status(self) -> str:
+        """`busy` while the running handlers are at `max_concurrent_sessions`, else
+        `available`: what heartbeats report."""
+        limit = self.max_concurrent_sessions
+        return "busy" if 0 < limit <= len(self._running) else "available"
+
+    def set_max_concurrent_sessions(self, limit: int) -> None:
+        """Change the limit (0: none); the next heartbeat reports it, at once when it
+        changes the status."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise LocalProtocolError(
+                f"max_concurrent_sessions must be an integer >= 0, not {limit!r}")
+        self.max_concurrent_sessions = limit
+        self._reporting = True
+        self._report_load(force=True)
 
     def start(self, now: float) -> None:
         """Begin: dial at once."""
@@ -246,6 +277,7 @@ class AgentRuntime:
             capabilities=self.capabilities.capabilities, config=self.config, now=now,
             wall_clock=self._wall_clock, allow_insecure_loopback=self._insecure,
         )
+        self._report_load(force=True)  # the first heartbeat (after the welcome) carries it
         return True
 
     def dial_failed(self, attempt: int, failure: DialFailure, reason: str, now: float) -> None:
@@ -383,12 +415,14 @@ class AgentRuntime:
             return
         self._cancel_sent.discard(dispatch_id)
         if dispatch_id not in self.session.running:
+            self._report_load()
             return  # already answered (e.g. its chunks could not be sent): first answer wins
         try:
             self._answer().send_result(dispatch_id, result)
         except LocalProtocolError as exc:  # not JSON: the core answered DISPATCH_FAILED
             self._log.warning("%s: the result of %s is not JSON: %s", self.instance_id, dispatch_id,
                         exc)
+        self._report_load()
 
     def handler_raised(self, dispatch_id: str, exc: BaseException) -> None:
         context = self._running.pop(dispatch_id, None)
@@ -401,6 +435,7 @@ class AgentRuntime:
                         context.capability, dispatch_id, exc_info=exc)
         if dispatch_id in self.session.running:
             self._answer().send_error(dispatch_id, code, message, detail)
+        self._report_load()
 
     def handler_cancelled(self, dispatch_id: str) -> None:
         """The handler ended without an answer: cancelled by us (answered CANCELLED or
@@ -410,14 +445,16 @@ class AgentRuntime:
             return
         if dispatch_id in self._cancel_sent:
             self._cancel_sent.discard(dispatch_id)
-            context.cancelled = True
+            context.cancel()
             if dispatch_id in self.session.running:
                 self._answer().send_cancelled(dispatch_id)
+            self._report_load()
             return
         self._log.warning("%s: handler of %r ended without an answer (dispatch %s)",
                     self.instance_id, context.capability, dispatch_id)
         if dispatch_id in self.session.running:
             self._answer().send_error(dispatch_id, "DISPATCH_FAILED", "the handler gave no answer")
+        self._report_load()
 
     def call_tool(self, tool: str, arguments: Mapping[str, Any] | None = None, *,
                   waiter: Any, deadline_ms: int | None = None, agent_type: str | None = None,
@@ -478,6 +515,20 @@ class AgentRuntime:
 
     # -- inside ------------------------------------------------------------------------------
 
+    def _report_load(self, *, force: bool = False) -> None:
+        """Tell the connection what heartbeats carry: a status change goes out at once.
+        Without a limit nothing changes per dispatch, so nothing is done; an agent that never
+        set one leaves the heartbeat's status and cap as they were (the registered cap)."""
+        conn = self.conn
+        if conn is None or not self._reporting or not (force or self.max_concurrent_sessions):
+            return
+        status = self.load_status
+        if not force and status == self._reported:
+            return
+        self._reported = status
+        conn.set_status(status, self._now,
+                        max_concurrent_sessions=self.max_concurrent_sessions)
+
     def _dial(self, now: float) -> None:
         self._attempt += 1
         self.phase = AgentPhase.DIALLING
@@ -535,6 +586,12 @@ class AgentRuntime:
         if self.phase in (AgentPhase.STOPPING, AgentPhase.STOPPED):  # spec 3 close_request
             conn.send_error(dispatch_id, "AGENT_UNAVAILABLE", "the agent is stopping")
             return
+        limit = self.max_concurrent_sessions
+        if 0 < limit <= len(self._running):
+            self._log.debug("%s: dispatch %s refused: busy", self.instance_id, dispatch_id)
+            conn.send_error(dispatch_id, "AGENT_UNAVAILABLE",
+                            f"busy: the agent runs {limit} sessions at most")
+            return
         context = DispatchContext(
             dispatch_id=dispatch_id, capability=event.capability, attempt=event.attempt,
             deadline_ms=event.deadline_ms, task_id=event.task_id,
@@ -545,13 +602,15 @@ class AgentRuntime:
         self._running[dispatch_id] = context
         self.handler_runs += 1
         self._actions.append(StartHandler(dispatch_id, capability.handler, event.arguments,
-                                          context))
+                                          context, capability.blocking))
+        if limit:
+            self._report_load()
 
     def _cancel(self, event: DispatchCancelled) -> None:
         context = self._running.get(event.dispatch_id)
         if context is None or event.dispatch_id in self._cancel_sent:
             return
-        context.cancelled = True
+        context.cancel()
         self._cancel_sent.add(event.dispatch_id)
         self._actions.append(CancelHandler(event.dispatch_id, event.reason))
 

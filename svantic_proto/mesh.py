@@ -542,9 +542,13 @@ class MeshConnection(_Connection):
             return
         try:
             claims = self._verify_token(frame.payload.token)
-            tenant = getattr(claims, "tenant_id", None)
-            subject = getattr(claims, "sub", None)
-            expires = getattr(claims, "exp", None)
+            if isinstance(claims, Mapping):  # as `accept` reads them: jwt.decode's dict too
+                tenant, subject = claims.get("tenant_id"), claims.get("sub")
+                expires = claims.get("exp")
+            else:
+                tenant = getattr(claims, "tenant_id", None)
+                subject = getattr(claims, "sub", None)
+                expires = getattr(claims, "exp", None)
         except Exception as exc:  # any verifier failure is a refusal
             self._send_error("UNAUTHORIZED", f"token refused: {exc}", in_reply_to=frame.id)
             return
