@@ -2,6 +2,7 @@
 
   svantic mesh   run the reference mesh (control plane, agents' sockets, dashboard) over TLS
   svantic call   call a capability through a mesh's `POST /agents/dispatch`
+  svantic agent  run an agent (MODULE:ATTR, a svantic.Agent) against a mesh until Ctrl-C
   svantic demo   one mesh and one agent in one process, over real TLS on 127.0.0.1
 """
 
@@ -72,13 +73,20 @@ def _parser() -> argparse.ArgumentParser:
     call.add_argument("--ca", default=os.environ.get(ENV_CA),
                       help=f"CA file that signed the mesh's certificate (env {ENV_CA})")
 
+    # `svantic agent` parses its own arguments (svantic.cli); listed here for `svantic --help`.
+    commands.add_parser("agent", add_help=False,
+                        help="run an agent (MODULE:ATTR) against a mesh (svantic agent --help)")
+
     demo = commands.add_parser("demo", help="mesh + agent + dispatches over TLS on 127.0.0.1")
     demo.add_argument("--adapter", choices=("asyncio", "anyio", "gevent"), default="asyncio")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["agent"]:
+        return agent(arguments[1:])
+    args = _parser().parse_args(arguments)
     if args.command == "demo":
         from svantic_adapters import cli as adapters_cli
 
@@ -86,6 +94,30 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "call":
         return call(args)
     return mesh(args)
+
+
+def agent(argv: list[str]) -> int:
+    """`svantic agent ...`: the agent SDK's command (`svantic.cli`), loaded only when asked for.
+
+    gevent must patch the standard library before anything imports `ssl` or `socket`, the
+    SDK included, so `--adapter gevent` is honoured here, before the SDK loads (not in the
+    `--reload` supervisor: it runs no agent, its child does)."""
+    if _wants_gevent(argv) and "--reload" not in argv:
+        from gevent import monkey
+
+        monkey.patch_all()
+    from svantic import cli as agent_cli
+
+    return agent_cli.main(argv)
+
+
+def _wants_gevent(argv: list[str]) -> bool:
+    for index, arg in enumerate(argv):
+        if arg == "--adapter" and argv[index + 1:index + 2] == ["gevent"]:
+            return True
+        if arg == "--adapter=gevent":
+            return True
+    return False
 
 
 def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
