@@ -3,7 +3,8 @@
   svantic mesh   run the reference mesh (control plane, agents' sockets, dashboard) over TLS
   svantic call   call a capability through a mesh's `POST /agents/dispatch`
   svantic agent  run an agent (MODULE:ATTR, a svantic.Agent) against a mesh until Ctrl-C
-  svantic demo   one mesh and one agent in one process, over real TLS on 127.0.0.1
+  svantic demo   the whole story in one process: the mesh, a connected and a hosted agent,
+                 dispatches, a tool call, a cut socket; real TLS on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("agent", add_help=False,
                         help="run an agent (MODULE:ATTR) against a mesh (svantic agent --help)")
 
-    demo = commands.add_parser("demo", help="mesh + agent + dispatches over TLS on 127.0.0.1")
+    demo = commands.add_parser("demo", help="mesh + connected and hosted agents + dispatches "
+                               "over TLS on 127.0.0.1")
     demo.add_argument("--adapter", choices=("asyncio", "anyio", "gevent"), default="asyncio")
     return parser
 
@@ -88,9 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         return agent(arguments[1:])
     args = _parser().parse_args(arguments)
     if args.command == "demo":
-        from svantic_adapters import cli as adapters_cli
+        from . import demo as demo_command  # patches for gevent before the SDK loads
 
-        return adapters_cli.main(["demo", "--adapter", args.adapter])
+        return demo_command.main(["--adapter", args.adapter])
     if args.command == "call":
         return call(args)
     return mesh(args)

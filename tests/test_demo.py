@@ -1,7 +1,11 @@
-"""`svantic demo` runs end to end on every adapter: TLS, dispatches, a TCP cut, resume."""
+"""`svantic demo` tells the whole story on every adapter: the reference mesh, a connected and a
+hosted agent registered through the control plane, dispatches over HTTPS (echo, a streamed count,
+a failure, invalid arguments), a tool call between the agents, a TCP cut with resume and one
+handler run, the fleet's stats, and the commands to try next. Real TLS on 127.0.0.1."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -12,25 +16,72 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+STEPS = (
+    "connected agent: token, register, wss",
+    "hosted agent: token, serve, register",
+    "echo on the connected agent",
+    "echo on the hosted agent",
+    "count n=3, streamed (SSE)",
+    "fail on the hosted agent",
+    "count with invalid arguments",
+    "tool call: connected ask -> hosted echo",
+    "hold, socket cut mid-dispatch",
+    "fleet: POST /agents/get_connection_stats",
+    "both agents disconnect",
+)
+
+
+@pytest.mark.parametrize("command", [["svantic_mesh.cli", "demo"], ["svantic_mesh.demo"]])
 @pytest.mark.parametrize("adapter", ["asyncio", "anyio", "gevent"])
-def test_demo_runs_and_the_resumed_handler_ran_once(adapter: str) -> None:
-    # A subprocess per adapter: gevent's hub and asyncio's loop stay out of this process.
+def test_demo_tells_the_whole_story(adapter: str, command: list[str]) -> None:
+    # A subprocess per adapter: gevent's patching and hub, and asyncio's loop, stay out of
+    # this process; `svantic demo` and `python -m svantic_mesh.demo` are the same command.
     done = subprocess.run(
-        [sys.executable, "-m", "svantic_adapters.cli", "demo", "--adapter", adapter],
-        capture_output=True, text=True, timeout=60, check=False,
+        [sys.executable, "-m", *command, "--adapter", adapter],
+        capture_output=True, text=True, timeout=90, check=False,
     )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "slow_report handler ran 1 time(s)" in done.stdout
-    assert "DISPATCH_FAILED" in done.stdout
-    assert "chunks ['sans', 'io', 'all', 'the', 'way', 'down']" in done.stdout
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    assert "Traceback" not in out + done.stderr, out + done.stderr
+    assert "UNEXPECTED" not in out
+    assert f"(adapter {adapter})" in out
+    assert re.search(r"mesh listening on https://127\.0\.0\.1:\d+ \(TLS", out), out
+    lines = {line.strip().split("  ")[0]: line for line in out.splitlines()}
+    for step in STEPS:
+        assert step in lines, f"no step {step!r} in:\n{out}"
+        assert re.search(r"\d+\.\d ms", lines[step]), lines[step]
+    assert 'result {"hello":"demo-hosted"}' in out
+    assert 'chunks [{"i":0},{"i":1},{"i":2}] then [{"count":3}]' in out
+    assert "HTTP 422 DISPATCH_FAILED" in out
+    assert "HTTP 422 INVALID_ARGUMENTS" in out
+    assert '"answer":{"from":"demo-connected"}' in out
+    assert "resumed, result" in out
+    assert "2 instances; connected 1, hosted 1" in out
+    assert "deregistered" in lines["both agents disconnect"]
+    assert "hold handler ran 1 time(s) across the cut; result delivered once: yes" in out
+    tail = out[out.index("try next"):]
+    for next_command in ("svantic mesh", "svantic agent examples.demo_agent:agent",
+                         "svantic call echo"):
+        assert f"\n  {next_command}" in tail, tail
 
 
 def test_cli_help_and_version() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "svantic_adapters.cli", "--version"],
+        [sys.executable, "-m", "svantic_mesh.cli", "--version"],
         capture_output=True, text=True, timeout=30, check=False,
     )
     assert done.returncode == 0 and "svantic-proto" in done.stdout
+    done = subprocess.run(
+        [sys.executable, "-m", "svantic_mesh.cli", "demo", "--help"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert done.returncode == 0 and "--adapter" in done.stdout, done.stdout + done.stderr
+
+
+def test_the_drivers_no_longer_carry_the_demo() -> None:
+    """The demo uses the mesh and the SDK: an application, which a driver must not import."""
+    assert not (ROOT / "adapters" / "cli.py").exists()
+    assert importlib.util.find_spec("svantic_adapters.cli") is None
 
 
 @pytest.mark.parametrize("adapter", ["anyio", "gevent"])
@@ -38,7 +89,7 @@ def test_a_missing_extra_says_which_to_install(
     adapter: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
     """As without the extra installed: the import of its package fails. No traceback."""
-    from svantic_adapters import cli
+    from svantic_mesh import cli
 
     monkeypatch.setitem(sys.modules, adapter, None)  # `import <adapter>` raises, as if absent
     monkeypatch.delitem(sys.modules, f"svantic_adapters.{adapter}", raising=False)

@@ -1,4 +1,4 @@
-"""A clone installs with a plain `pip install .`, no extras, and `svantic demo` runs.
+"""A clone installs with a plain `pip install .`, no extras, and `svantic demo` tells its story.
 
 As a new user would: a fresh virtualenv, `pip install <clone>` with pip's defaults (an
 isolated build that fetches the build requirements, the dependencies from the package
@@ -59,7 +59,12 @@ def test_pip_install_then_svantic_demo_exits_0(venv_bin: Path) -> None:
     assert where.returncode == 0 and str(ROOT) not in where.stdout, where.stdout + where.stderr
     done = run([str(venv_bin / "svantic"), "demo"], venv_bin, 120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "slow_report handler ran 1 time(s); result delivered once: yes" in done.stdout
+    assert "hold handler ran 1 time(s) across the cut; result delivered once: yes" in done.stdout
+    assert "UNEXPECTED" not in done.stdout
+    # The whole story from an installed package: the mesh, the SDK's agents, the hosted one.
+    for step in ("hosted agent: token, serve, register", "tool call: connected ask -> hosted",
+                 "fleet: POST /agents/get_connection_stats"):
+        assert step in done.stdout, done.stdout
 
 
 def test_an_adapter_without_its_extra_says_which_to_install(venv_bin: Path) -> None:

@@ -1,14 +1,20 @@
 """The README's code runs: a user's first copy-paste must work.
 
-The agent example is run as written against a local mesh over real TLS on
-127.0.0.1; only the mesh address, the secret and the CA file are swapped in.
+"An agent" (the SDK) runs exactly as written, as its own process, against the reference mesh
+in this process over real TLS on 127.0.0.1, configured as the README says, by `SVANTIC_*`
+variables; it must connect and answer a dispatch. The adapter-level agent example is run
+against an adapter's mesh; only the mesh address, the secret and the CA file are swapped in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
 import ssl
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +66,7 @@ def test_readme_agent_example_serves_a_dispatch(tmp_path: Path) -> None:
             dispatch_auth=jwt_dispatch_auth(DispatchAuthMinter(SECRET)),
         )
         host, port = await server.start("127.0.0.1", 0)
-        source = BLOCKS[0]
+        source = next(block for block in BLOCKS if "svantic_adapters.asyncio import" in block)
         source = _swap(source, "wss://mesh.example/agents/connect",
                        f"wss://{host}:{port}/agents/connect")
         source = _swap(source, "<SIGNING_SECRET>", SECRET)
@@ -83,6 +89,67 @@ def test_readme_agent_example_serves_a_dispatch(tmp_path: Path) -> None:
             await server.close(grace=0)
 
     asyncio.run(asyncio.wait_for(scenario(), 30))
+
+
+def _sdk_block() -> str:
+    """The README's "An agent" block: the first Python block, and at most 15 lines."""
+    heading = README.index("\n## An agent\n")
+    block = re.search(r"```python\n(.*?)```", README[heading:], re.S)
+    assert block is not None and block.group(1) == BLOCKS[0], "An agent: no Python block first"
+    source = block.group(1)
+    assert len(source.splitlines()) <= 15, "the README's agent is more than 15 lines"
+    assert "import svantic\n" in source and "agent.run()" in source
+    return source
+
+
+def test_readme_agent_runs_as_written_against_the_reference_mesh(tmp_path: Path) -> None:
+    import anyio
+    import httpx
+    from svantic_mesh.demo import local_mesh
+
+    source = _sdk_block()
+    script = tmp_path / "tickets.py"
+    script.write_text(source)
+    instance_id = "readme-tickets-1"
+
+    async def scenario() -> None:
+        async with local_mesh("asyncio") as mesh:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SVANTIC_")}
+            env.update(mesh.environ(), SVANTIC_INSTANCE_ID=instance_id)
+            process = await anyio.open_process([sys.executable, str(script)], env=env,
+                                               cwd=tmp_path)
+            try:
+                with anyio.fail_after(20):
+                    while instance_id not in mesh.server.agents:
+                        assert process.returncode is None, "the README's agent exited"
+                        await anyio.sleep(0.02)
+                verify = ssl.create_default_context(cafile=mesh.ca_file)
+                async with httpx.AsyncClient(base_url=mesh.url, verify=verify, timeout=10,
+                                             trust_env=False) as http:
+                    token = (await http.post("/auth/token", json={
+                        "client_id": mesh.client_id, "client_secret": mesh.client_secret,
+                    })).raise_for_status().json()["access_token"]
+                    answer = await http.post(
+                        "/agents/dispatch", headers={"authorization": f"Bearer {token}"},
+                        json={"capability": "get_ticket", "arguments": {"ticket_id": "T-7"},
+                              "agent_type": "tickets"})
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["result"] == {"id": "T-7", "status": "open"}
+                assert answer.json()["instance_id"] == instance_id
+            finally:
+                if process.returncode is None:
+                    process.send_signal(signal.SIGINT)  # Ctrl-C: it deregisters and exits
+                with anyio.fail_after(15):
+                    code = await process.wait()
+                output = b""
+                for stream in (process.stdout, process.stderr):
+                    if stream is not None:
+                        with contextlib.suppress(anyio.EndOfStream, anyio.ClosedResourceError):
+                            output += await stream.receive(1 << 16)
+                await process.aclose()
+            assert code == 0, output.decode(errors="replace")
+
+    anyio.run(scenario, backend="asyncio")
 
 
 def test_readme_sans_io_example_starts_a_handshake() -> None:
