@@ -19,6 +19,8 @@ from typing import Any, Final
 
 import httpx
 
+from svantic_proto.errors import DispatchError
+
 from .errors import SvanticApiError, error_for
 
 __all__ = [
@@ -158,6 +160,30 @@ def heartbeat_call(instance_id: str, *, active_sessions: int, max_concurrent_ses
     return Call("/agents/heartbeat", {
         "instance_id": instance_id, "status": status, "active_sessions": active_sessions,
         "max_concurrent_sessions": max_concurrent_sessions})
+
+
+def dispatch_call(tool: str, arguments: Mapping[str, Any] | None, *,
+                  agent_type: str | None = None, instance_id: str | None = None,
+                  deadline_ms: int | None = None) -> Call:
+    """`/agents/dispatch`: how a hosted agent calls another agent's capability, since it
+    has no socket for a spec 3 `tool_call` (the mesh routes it the same way)."""
+    body: dict[str, Any] = {"capability": tool, "arguments": dict(arguments or {})}
+    for name, value in (("agent_type", agent_type), ("instance_id", instance_id),
+                        ("deadline_ms", deadline_ms)):
+        if value is not None:
+            body[name] = value
+    return Call("/agents/dispatch", body)
+
+
+def tool_value(body: Any) -> Any:
+    """The result in `/agents/dispatch`'s answer."""
+    return body.get("result") if isinstance(body, dict) else None
+
+
+def tool_error(exc: SvanticApiError) -> DispatchError:
+    """The `DispatchError` a connected agent's handler would see for the same failure, so
+    `ctx.tool_call` raises one kind of exception in both modes."""
+    return DispatchError("", exc.code, exc.message)
 
 
 def session_init_call(agent_type: str | None, metadata: Mapping[str, Any] | None) -> Call:

@@ -34,7 +34,7 @@ from svantic_proto.events import ConnectionClosed, SessionStarted
 
 from . import _control
 from ._control import Registration, TokenGrant
-from .errors import NotConnectedError
+from .errors import NotConnectedError, SvanticApiError
 
 if TYPE_CHECKING:
     from .agent import Agent
@@ -622,11 +622,27 @@ class MeshConnector(_ConnectorBase):
     async def _serve_hosted(self) -> str:
         hosted = self._hosted_module()
         host, port = self.settings.listen or ("127.0.0.1", 0)
+        app = hosted.HostedApp(self._agent, verifier=self.verifier,
+                               public_url=self.settings.public_url,
+                               tool_caller=self._hosted_tool_call)
         self._hosted = await hosted.serve(
             self._agent, verifier=self.verifier, host=host, port=port,
             ssl_context=self._server_context(), adapter=self.settings.adapter,
-            public_url=self.settings.public_url)
+            public_url=self.settings.public_url, app=app)
         return str(self.settings.public_url or self._hosted.url)
+
+    async def _hosted_tool_call(self, tool: str, arguments: Mapping[str, Any] | None = None,
+                                *, deadline_ms: int | None = None,
+                                agent_type: str | None = None, instance_id: str | None = None,
+                                session_id: str | None = None) -> Any:
+        """`ctx.tool_call` in hosted mode: through `/agents/dispatch` (no socket here)."""
+        try:
+            body = await self._send(_control.dispatch_call(
+                tool, arguments, agent_type=agent_type, instance_id=instance_id,
+                deadline_ms=deadline_ms))
+        except SvanticApiError as exc:
+            raise _control.tool_error(exc) from None
+        return _control.tool_value(body)
 
     async def _heartbeats(self) -> None:
         """Hosted mode: POST /agents/heartbeat every 30 s (a failure is logged, not fatal)."""
@@ -825,11 +841,26 @@ class GeventMeshConnector(_ConnectorBase):
     def _serve_hosted(self) -> str:
         hosted = self._hosted_module()
         host, port = self.settings.listen or ("127.0.0.1", 0)
+        app = hosted.HostedApp(self._agent, verifier=self.verifier,
+                               public_url=self.settings.public_url,
+                               tool_caller=self._hosted_tool_call)
         self._hosted = hosted.serve(
             self._agent, verifier=self.verifier, host=host, port=port,
             ssl_context=self._server_context(), adapter="gevent",
-            public_url=self.settings.public_url)
+            public_url=self.settings.public_url, app=app)
         return str(self.settings.public_url or self._hosted.url)
+
+    def _hosted_tool_call(self, tool: str, arguments: Mapping[str, Any] | None = None, *,
+                          deadline_ms: int | None = None, agent_type: str | None = None,
+                          instance_id: str | None = None, session_id: str | None = None) -> Any:
+        """`ctx.tool_call` in hosted mode: through `/agents/dispatch` (no socket here)."""
+        try:
+            body = self._send(_control.dispatch_call(
+                tool, arguments, agent_type=agent_type, instance_id=instance_id,
+                deadline_ms=deadline_ms))
+        except SvanticApiError as exc:
+            raise _control.tool_error(exc) from None
+        return _control.tool_value(body)
 
     def _heartbeats(self) -> None:
         import gevent

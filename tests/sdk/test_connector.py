@@ -676,3 +676,40 @@ def test_hosted_mode_serves_send_and_registers_its_url(mesh: Mesh, backend: str)
         assert mesh.parts.registry.get_instance(instance_id) is None
 
     run(backend, scenario)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_hosted_agent_calls_another_agent_with_ctx_tool_call(mesh: Mesh, backend: str) -> None:
+    """The same handler code in both modes: a hosted agent has no socket for a spec 3
+    `tool_call`, so its `ctx.tool_call` goes through `/agents/dispatch`, and a failure is
+    the same `DispatchError` a connected agent's handler would see."""
+    certfile, keyfile = mesh.issue_cert()
+    worker = tickets_agent([])
+    relay = svantic.Agent(agent_type="relay")
+
+    @relay.capability("relay")
+    async def relay_handler(args: Any, ctx: svantic.Context) -> Any:
+        try:
+            return await ctx.tool_call("get_ticket", {"ticket_id": args["n"]},
+                                       instance_id=args["to"])
+        except DispatchError as exc:
+            return {"failed": exc.code}
+
+    async def scenario() -> None:
+        worker_connector = await worker.start(**options(mesh, backend, instance("worker")))
+        relay_connector = await relay.start(**options(
+            mesh, backend, instance("relay"), deployment_mode="hosted", certfile=certfile,
+            keyfile=keyfile, listen=("127.0.0.1", 0)))
+        try:
+            to = worker_connector.instance_id
+            answer = await mesh.call("relay", {"n": 5, "to": to},
+                                     instance_id=relay_connector.instance_id)
+            assert answer.json()["result"]["id"] == 5, answer.text
+            answer = await mesh.call("relay", {"n": 0, "to": to},
+                                     instance_id=relay_connector.instance_id)
+            assert answer.json()["result"] == {"failed": "INVALID_ARGUMENTS"}, answer.text
+        finally:
+            await relay_connector.disconnect()
+            await worker_connector.disconnect()
+
+    run(backend, scenario)
