@@ -84,21 +84,35 @@ def decode_frame(data: bytes | str) -> Frame:
     (a valid envelope of unknown type: answer BAD_FRAME and keep the socket).
     """
     try:
-        if type(data) is bytes and not data.isascii():
-            data.decode()  # msgspec skips unknown fields without checking their UTF-8
         frame: Frame = _decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError, UnicodeError) as exc:
         raise _explain(data, exc) from None
     except TypeError as exc:
         raise FrameError(f"a frame is text or bytes, not {type(data).__name__}") from exc
-    if not _frame_ok(frame):
+    # `data` goes along for its UTF-8 (msgspec skips unknown fields without checking it):
+    # one call settles both, and `_explain` tells a bad encoding (1007) from a bad frame.
+    if not _frame_ok(frame, data):
         raise _explain(data, None)
     return frame
 
 
-def _frame_ok_re(frame: Frame) -> bool:
+def _frame_ok_re(frame: Frame, data: bytes | str | None = None) -> bool:
     """Spec section 2 formats of the envelope strings (one regex over their concatenation),
-    then the payload rules the types cannot express."""
+    then the payload rules the types cannot express, then, when `data` (the message the
+    frame was read from) is bytes, that it is valid UTF-8."""
+    if not _fields_ok_re(frame):
+        return False
+    if type(data) is bytes and not data.isascii():
+        try:
+            data.decode()
+        except UnicodeDecodeError:
+            return False
+    return True
+
+
+def _fields_ok_re(frame: Frame) -> bool:
+    """The envelope and payload rules of `_frame_ok_re` (the ones C `frame_ok` also checks),
+    apart from the UTF-8 check because they end in several early returns."""
     reply_to: str | None = frame.in_reply_to  # type: ignore[union-attr]  # None where unused
     if frame.trace_id is not None or frame.parent_span_id is not None:
         if "" in (frame.trace_id, frame.parent_span_id, reply_to):
@@ -123,7 +137,7 @@ _PAYLOAD_CHECKS: dict[type, Callable[[Any], bool]] = {
     Welcome: lambda f: all(is_canonical_uuid(i) for i in f.payload.replayed_dispatches),
 }
 
-_frame_ok: Callable[[Frame], bool]
+_frame_ok: Callable[[Frame, bytes | str | None], bool]
 try:  # the same checks in C, several times faster; built when a compiler is there
     from . import _speedups
 except ImportError:  # pragma: no cover - tests/core/test_speedups.py runs both
