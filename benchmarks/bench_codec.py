@@ -330,6 +330,32 @@ def report(
     return missed
 
 
+JSON_DATA: dict[str, Any] = {}
+"""Raw figures for `--json PATH` (see `_jsonout.py`)."""
+
+
+def json_data(results: Results, cands: Sequence[Candidate], cases: dict[str, Any],
+              settings: Settings) -> dict[str, Any]:
+    """Per frame type: decode+encode vs the floor, per candidate, median and per repeat."""
+    types: dict[str, Any] = {}
+    for case, data in cases.items():
+        base = (case, FLOOR.name, "roundtrip")
+        per_repeat = {
+            cand.name: [value / ref for value, ref in zip(
+                results.per_call[(case, cand.name, "roundtrip")], results.per_call[base],
+                strict=True)]
+            for cand in cands
+        }
+        types[case] = {
+            "bytes": len(data),
+            "floor_us": results.median_us(base),
+            "ratio_vs_floor": {name: statistics.median(v) for name, v in per_repeat.items()},
+            "ratio_vs_floor_per_repeat": per_repeat,
+        }
+    return {"repeats": settings.repeats, "input": settings.input_kind, "ours": OURS_NAME,
+            "floor": FLOOR.name, "types": types}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny loop counts (smoke test)")
@@ -346,6 +372,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--types", default=None, help="comma-separated frame types to run")
     parser.add_argument("--seed", type=int, default=1, help="seed of the interleaving order")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the figures to PATH as JSON")
     return parser.parse_args(argv)
 
 
@@ -398,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     timers = make_timers(cands, cases, stamps)
     results = run(timers, settings)
     missed = report(results, cands, cases, [name for name, _ in stamps], ours is not None)
+    JSON_DATA.update(json_data(results, cands, cases, settings))
 
     if ours is None:
         missed.append("the codec was not measured")
@@ -412,4 +441,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _jsonout import run_main  # --json PATH: the same figures as JSON
+
+    sys.exit(run_main(main))

@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from websockets.frames import Opcode as WebsocketsOpcode
 from websockets.protocol import Protocol, Side, State
@@ -96,11 +98,17 @@ def measure(one: Round, text: str, messages: int) -> float:
     return (time.perf_counter() - start) / messages * 1e6
 
 
+JSON_DATA: dict[str, dict[str, object]] = {}
+"""Raw figures for `--json PATH` (see `_jsonout.py`)."""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=300, help="message size in bytes")
     parser.add_argument("--messages", type=int, default=20000, help="messages per repeat")
     parser.add_argument("--repeats", type=int, default=9, help="interleaved repeats")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the figures to PATH as JSON")
     args = parser.parse_args()
     text = ('{"v":1,"type":"dispatch_result","payload":{"result":"' + "x" * args.size)[: args.size]
 
@@ -117,6 +125,9 @@ def main() -> None:
                 samples[name].append(measure(one, text, args.messages))
         medians = {name: statistics.median(values) for name, values in samples.items()}
         base = medians["svantic Framing"]
+        JSON_DATA.setdefault("directions", {})[label] = {
+            "size": args.size, "us_per_message": medians, "us_per_message_per_repeat": samples,
+        }
         build = "compiled" if COMPILED else "pure Python"
         print(f"\n{args.size}-byte text message, send + receive, {label}, {build} build")
         print(f"{'variant':<24}{'us/msg (median)':>16}{'vs Framing':>12}")
@@ -129,4 +140,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _jsonout import run_main  # --json PATH: the same figures as JSON
+
+    sys.exit(run_main(main))

@@ -1056,6 +1056,32 @@ def report(outcome: Outcome, args: argparse.Namespace, statuses: dict[str, str],
     return met
 
 
+JSON_DATA: dict[str, Any] = {}
+"""Raw figures for `--json PATH` (see `_jsonout.py`)."""
+
+
+def json_data(outcome: Outcome, args: argparse.Namespace,
+              statuses: dict[str, str]) -> dict[str, Any]:
+    """Round trips per adapter and mode (ratios per repeat) and memory per idle connection."""
+    round_trips: dict[str, Any] = {}
+    for adapter, (results, echo) in outcome.round_trips.items():
+        for mode in MODES:
+            ours, base = results.seconds[(adapter, mode)], results.seconds[(echo, mode)]
+            round_trips.setdefault(adapter, {})[mode] = {
+                "echo": echo,
+                "ours_rt_per_s": results.rate(adapter, mode),
+                "echo_rt_per_s": results.rate(echo, mode),
+                "ratio": results.ratio(adapter, echo, mode),
+                "ratio_per_repeat": [b / o for o, b in zip(ours, base, strict=True)],
+            }
+    return {
+        "tls": not args.no_tls, "repeats": args.repeats, "sequential": args.sequential,
+        "pipelined": args.pipelined, "plain_handler": args.plain_handler,
+        "sizes": list(outcome.sizes), "statuses": statuses, "failures": outcome.failures,
+        "round_trips": round_trips,
+    }
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: small counts")
@@ -1076,6 +1102,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--serve-idle", metavar="ADAPTER", help=argparse.SUPPRESS)
     parser.add_argument("--gevent-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--traced", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = min(args.repeats, 2)
@@ -1144,10 +1172,14 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
         if saved is not None:
             os.sched_setaffinity(0, saved)
     met = report(outcome, args, statuses, out)
+    JSON_DATA.update(json_data(outcome, args, statuses))
     if not met:
         out("Targets missed: see the tables above.")
     return 1 if args.check and not met else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _jsonout import run_main  # --json PATH: the same figures as JSON
+
+    sys.exit(run_main(main))

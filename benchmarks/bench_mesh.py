@@ -844,6 +844,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         metavar=("URL", "CA", "ID", "SECRET", "INSTANCE", "TYPE", "ADAPTER"))
     parser.add_argument("--echo-server", nargs=2, help=argparse.SUPPRESS,
                         metavar=("CERT", "KEY"))
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats = min(args.repeats, 1)
@@ -889,4 +891,7 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _jsonout import run_main  # --json PATH: the same figures as JSON
+
+    sys.exit(run_main(main))

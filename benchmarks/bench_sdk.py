@@ -529,6 +529,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dispatches", type=int, default=None,
                         help="dispatches per path per repeat (default 2000; quick 100)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the interleaving order")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the figures to PATH as JSON")
     return parser.parse_args(argv)
 
 
@@ -543,4 +545,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _jsonout import run_main  # --json PATH: the same figures as JSON
+
+    sys.exit(run_main(main))

@@ -20,6 +20,7 @@ import gc
 import ssl
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import trustme
@@ -100,6 +101,8 @@ def measure(count: int) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=2_000)
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
     result = measure(args.count)
     heap = result["heap_kib"]
@@ -111,4 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _jsonout import run_main  # --json PATH: the same figures as JSON
+
+    sys.exit(run_main(main))
