@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/run_all.py              # full run, about 10 min on 2 CPUs
     .venv/bin/python benchmarks/run_all.py --quick      # smoke run: figures not meaningful
     .venv/bin/python benchmarks/run_all.py --readme     # README block from the latest results
+    .venv/bin/python benchmarks/run_all.py --no-c-extension  # as installed without a C compiler
 
 Every bench script runs as a subprocess with `--json PATH`, pinned with `os.sched_setaffinity`:
 "one-cpu" is the whole run on the first allowed CPU, "split" is the whole run allowed every CPU
@@ -128,6 +129,7 @@ def describe_build(python: str) -> dict[str, Any]:
             "print(json.dumps({'compiled': bool(svantic_proto.COMPILED),\n"
             " 'speedups_loaded': 'svantic_proto._speedups' in sys.modules,\n"
             " 'SVANTIC_PURE_PYTHON': os.environ.get('SVANTIC_PURE_PYTHON'),\n"
+            " 'SVANTIC_NO_C_EXTENSION': os.environ.get('SVANTIC_NO_C_EXTENSION'),\n"
             " 'openssl': ssl.OPENSSL_VERSION, 'python': sys.version.split()[0],\n"
             " 'executable': sys.executable}))")
     done = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True,
@@ -409,6 +411,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--allow-busy", action="store_true",
                         help="run on a busy machine, with a warning in the results")
     parser.add_argument("--no-charts", action="store_true")
+    parser.add_argument("--no-c-extension", action="store_true",
+                        help="SVANTIC_NO_C_EXTENSION=1 for every bench: without `_speedups`, "
+                             "as on an install built without a C compiler")
     parser.add_argument("--readme", action="store_true",
                         help="only rewrite README.md's bench block from the latest results")
     return parser.parse_args(argv)
@@ -421,6 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           latest_results(args.out)), encoding="utf-8")
         print(f"README.md block rewritten from {latest_results(args.out)}")
         return 0
+    if args.no_c_extension:  # inherited by describe_build's probe and every job
+        os.environ["SVANTIC_NO_C_EXTENSION"] = "1"
     processes = args.processes or (2 if args.quick else 5)
     jobs = [j for j in JOBS if not args.only or j.name in args.only.split(",")]
     before = busy_sample()

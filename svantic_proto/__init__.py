@@ -79,6 +79,7 @@ __all__ = [
     "AgentRuntime",
     "AgentSession",
     "AgentState",
+    "C_EXTENSION",
     "CapabilityRegistry",
     "CLOSE_TRANSPORT",
     "COMPILED",
@@ -149,3 +150,7 @@ __all__ = [
 
 COMPILED: bool = _compiled.is_compiled(_connection)
 """Whether the core's per-frame path runs compiled (mypyc) rather than from its sources."""
+
+C_EXTENSION: bool = _compiled.c_extension_loaded()
+"""Whether the C extension `_speedups` is loaded (the codec's checks and the XOR mask in C);
+`False` on an install built without a C compiler, or with `SVANTIC_NO_C_EXTENSION=1`."""
