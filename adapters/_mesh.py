@@ -143,7 +143,8 @@ class MeshDriver(Generic[LinkT]):
                  resume_store: ResumeStore | None = None, max_connections: int = 10_000,
                  max_handshakes: int = 1024, backlog: int = 4096,
                  http_app: Callable[[HttpRequest, HttpResponder], Any] | None = None,
-                 max_http_connections: int = 1024) -> None:
+                 max_http_connections: int = 1024,
+                 max_http_body_bytes: int = 1 << 20) -> None:
         self._ssl = ssl_context
         self._verify, self._lookup = verify_token, lookup_instance
         self._http_app = http_app
@@ -151,7 +152,8 @@ class MeshDriver(Generic[LinkT]):
             dispatch_auth=dispatch_auth, wall_clock=time.time, config=config,
             resume_store=resume_store, verify_token=self._verify_refresh,
             max_connections=max_connections, max_handshakes=max_handshakes,
-            serve_http=http_app is not None, max_http_connections=max_http_connections)
+            serve_http=http_app is not None, max_http_connections=max_http_connections,
+            max_http_body_bytes=max_http_body_bytes)
         self.backlog = backlog
         self.links: set[LinkT] = set()
         """Every transport the runtime knows of (handshakes and sessions)."""

@@ -130,7 +130,15 @@ def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     import ssl
 
     from .registry import SqliteRegistry
-    from .serve import DEV_CLIENT, DEV_TENANT, MeshHome, make_parts, serve, server_context
+    from .serve import (
+        DEV_CLIENT,
+        DEV_TENANT,
+        ENV_SIGNING_SECRET,
+        MeshHome,
+        make_parts,
+        serve,
+        server_context,
+    )
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -145,6 +153,9 @@ def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         clients = [(DEV_CLIENT, secrets["dev_secret"], DEV_TENANT)]
         out(f"development client: id {DEV_CLIENT}  secret {secrets['dev_secret']}  "
             f"tenant {DEV_TENANT}")
+    if ENV_SIGNING_SECRET not in os.environ:  # agents need it to verify dispatch auth
+        out(f"dispatch-auth secret for agents ({ENV_SIGNING_SECRET}): \"signing_secret\" "
+            f"in {home.secrets_file}")
     for client_id, secret, tenant in clients:
         registry.add_client(client_id, secret, tenant)
         if args.policy is not None:

@@ -82,13 +82,18 @@ class MeshHome:
     def stem(self) -> str:
         return "mesh" if self.db == ":memory:" else Path(self.db).stem
 
+    @property
+    def secrets_file(self) -> Path:
+        """Where the secrets the environment does not give are kept (owner-only)."""
+        return self.folder / f"{self.stem}.secrets.json"
+
     def secrets(self, environ: dict[str, str] | None = None) -> dict[str, Any]:
         """The secrets from the environment, else from the secrets file (made on first run).
 
         Returns `signing_secret`, `token_secret` (bytes), `encryption_key` (32 bytes) and
         `dev_secret` (the development client's secret, text)."""
         env = os.environ if environ is None else environ
-        path = self.folder / f"{self.stem}.secrets.json"
+        path = self.secrets_file
         stored: dict[str, str] = {}
         if path.exists():
             stored = json.loads(path.read_text())
