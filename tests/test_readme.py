@@ -119,10 +119,11 @@ def test_readme_agent_runs_as_written_against_the_reference_mesh(tmp_path: Path)
             process = await anyio.open_process([sys.executable, str(script)], env=env,
                                                cwd=tmp_path)
             try:
-                with anyio.fail_after(20):
-                    while instance_id not in mesh.server.agents:
-                        assert process.returncode is None, "the README's agent exited"
-                        await anyio.sleep(0.02)
+                try:
+                    await mesh.server.wait_for_agent(instance_id, 20)
+                except TimeoutError:
+                    raise AssertionError("the README's agent did not connect (exit status "
+                                         f"{process.returncode})") from None
                 verify = ssl.create_default_context(cafile=mesh.ca_file)
                 async with httpx.AsyncClient(base_url=mesh.url, verify=verify, timeout=10,
                                              trust_env=False) as http:

@@ -12,7 +12,6 @@ import http.client
 import json
 import ssl
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -66,7 +65,7 @@ class App:
     def for_kind(self, kind: str) -> Callable[..., Any]:
         if kind == "gevent":
             return self._sync_app
-        sleep = DRIVERS[kind].sleep  # type: ignore[attr-defined]
+        import anyio
 
         async def app(request: Any, responder: Any) -> None:
             what, body = self.route(request)
@@ -75,9 +74,8 @@ class App:
             elif what == "stream":
                 responder.start(200, [("content-type", "text/event-stream")])
                 responder.send(b"data: one\n\n")
-                deadline = time.monotonic() + GATE_WAIT
-                while not self.gate.is_set() and time.monotonic() < deadline:
-                    await sleep(0.005)  # poll the client's event, bounded
+                # The client's thread sets the gate: wait for it in a worker thread, bounded.
+                await anyio.to_thread.run_sync(self.gate.wait, GATE_WAIT)
                 responder.send(b"data: two\n\n" if self.gate.is_set() else b"data: late\n\n")
                 responder.end()
             elif what == "fail":
@@ -95,9 +93,8 @@ class App:
         elif what == "stream":
             responder.start(200, [("content-type", "text/event-stream")])
             responder.send(b"data: one\n\n")
-            deadline = time.monotonic() + GATE_WAIT
-            while not self.gate.is_set() and time.monotonic() < deadline:
-                gevent.sleep(0.005)
+            # The client's thread sets the gate: the hub's thread pool waits for it.
+            gevent.get_hub().threadpool.spawn(self.gate.wait, GATE_WAIT).get()
             responder.send(b"data: two\n\n" if self.gate.is_set() else b"data: late\n\n")
             responder.end()
         elif what == "fail":

@@ -23,15 +23,14 @@ import logging
 import os
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
-import trustme
 import uvicorn
+from _uvicorn import Certs, _Server, run
 from svantic_adapters.asgi import AsgiMesh
 from svantic_adapters.asyncio import connect
 from svantic_mesh.asgi import asgi_app
@@ -51,37 +50,6 @@ INSTANCE, AGENT_TYPE = "agent-cp-1", "echo-agent"
 AGENT_CONFIG = Config(reconnect_base_delay=0.1, reconnect_max_delay=0.5)
 INTERNAL = {"error": {"code": "INTERNAL", "message": "internal error"}}
 SECRET_TEXT = "a secret detail that must not leak"
-
-
-@dataclass(frozen=True)
-class Certs:
-    certfile: str
-    client: ssl.SSLContext
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    authority = trustme.CA()
-    path = tmp_path_factory.mktemp("asgi-control-tls") / "server.pem"
-    authority.issue_cert(HOST).private_key_and_cert_chain_pem.write_to_path(str(path))
-    client = ssl.create_default_context()
-    authority.configure_trust(client)
-    return Certs(str(path), client)
-
-
-def run(scenario: Awaitable[None]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(30):
-            await scenario
-    asyncio.run(bounded())
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server without its signal handlers: pytest keeps its own."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def listening_socket() -> socket.socket:

@@ -20,20 +20,16 @@ sans-IO one and wsproto).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
-import ssl
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import trustme
 import uvicorn
 import websockets
 from _independent import (
@@ -45,6 +41,7 @@ from _independent import (
     make_frame,
     transport_token,
 )
+from _uvicorn import Certs, _Server, run
 from svantic_adapters.asgi import AsgiMesh
 from svantic_adapters.asyncio import Agent, connect
 from websockets.typing import Subprotocol
@@ -86,37 +83,6 @@ INSTANCES = {
 STACKS = ["websockets-sansio", "wsproto"]
 """uvicorn's WebSocket implementations (its legacy `websockets` one is deprecated)."""
 AGENT_CONFIG = Config(reconnect_base_delay=0.1, reconnect_max_delay=0.5)
-
-
-@dataclass(frozen=True)
-class Certs:
-    certfile: str
-    client: ssl.SSLContext
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    authority = trustme.CA()
-    path = tmp_path_factory.mktemp("asgi-tls") / "server.pem"
-    authority.issue_cert(HOST).private_key_and_cert_chain_pem.write_to_path(str(path))
-    client = ssl.create_default_context()
-    authority.configure_trust(client)
-    return Certs(str(path), client)
-
-
-def run(scenario: Awaitable[None]) -> None:
-    async def bounded() -> None:
-        async with asyncio.timeout(30):
-            await scenario
-    asyncio.run(bounded())
-
-
-class _Server(uvicorn.Server):
-    """uvicorn's server without its signal handlers: pytest keeps its own."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 @asynccontextmanager
