@@ -1,10 +1,17 @@
 """The mesh's durable state: API clients, tenant policy, registered instances and sessions.
 
 `Registry` is the narrow interface the control plane and the router depend on, so a server
-database can replace the embedded one without touching them. `SqliteRegistry` is the
-embedded implementation: one file (or memory), the standard library's `sqlite3`, and
-synchronous calls, because SQLite answers in microseconds and a thread hop per call would
-cost more than the query.
+database can replace the embedded one without touching them. Two implementations share every
+query and every rule of this module (`_SqlRegistry`), and differ only in how they reach their
+database:
+
+* `SqliteRegistry`, the embedded default for one mesh process: one file (or memory), the
+  standard library's `sqlite3`, and synchronous calls, because SQLite answers in microseconds
+  and a thread hop per call would cost more than the query;
+* `PostgresRegistry` (`svantic_mesh.registry_pg`, the `scale` extra) for several mesh processes
+  sharing one PostgreSQL through psycopg 3.
+
+`open_registry()` picks one from a path or a URL.
 
 Two kinds of secret pass through here and neither is ever stored in the clear:
 
@@ -26,9 +33,8 @@ import os
 import secrets
 import sqlite3
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any, Final, Protocol, Self, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Any, Final, Protocol, Self, TypeVar, runtime_checkable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -44,6 +50,7 @@ __all__ = [
     "SecretUnavailable",
     "SqliteRegistry",
     "Unset",
+    "open_registry",
 ]
 
 log = logging.getLogger("svantic.mesh.registry")
@@ -131,8 +138,9 @@ MIGRATIONS: Final[tuple[str, ...]] = (
     );
     """,
 )
-"""Schema steps, applied in order; step i brings `PRAGMA user_version` to i + 1. Append
-only: an applied step is never edited, since databases already past it would not rerun it."""
+"""SQLite's schema steps, applied in order; step i brings `PRAGMA user_version` to i + 1.
+Append only: an applied step is never edited, since databases already past it would not rerun
+it. `registry_pg.PG_MIGRATIONS` holds the same steps in PostgreSQL's types, one for one."""
 
 
 @runtime_checkable
@@ -152,7 +160,9 @@ class Registry(Protocol):
     def allow_type(self, tenant_id: str, agent_type: str) -> None: ...
 
     # Instances
-    def put_instance(self, row: InstanceRow, *, secret: str | None = None) -> None: ...
+    def put_instance(
+        self, row: InstanceRow, *, secret: str | None = None, keep_observed: bool = False
+    ) -> None: ...
     def get_instance(self, instance_id: str) -> InstanceRow | None: ...
     def delete_instance(self, instance_id: str) -> bool: ...
     def list_instances(
@@ -253,7 +263,407 @@ def _row_to_instance(r: tuple[Any, ...]) -> InstanceRow:
     )
 
 
-class SqliteRegistry:
+# -- the queries, one text for both databases ---------------------------------------------
+#
+# Written in the SQL SQLite and PostgreSQL share (`ON CONFLICT ... DO UPDATE/NOTHING`,
+# `excluded.`, `COALESCE`), with `?` placeholders: a backend whose driver wants another style
+# rewrites them (registry_pg: `%s`). None of these texts holds a `?` or `%` of its own.
+
+SQL_ENSURE_TENANT: Final = "INSERT INTO tenants (tenant_id) VALUES (?) ON CONFLICT DO NOTHING"
+SQL_UPSERT_CLIENT: Final = (
+    "INSERT INTO api_clients (client_id, tenant_id, secret_hash) VALUES (?, ?, ?) "
+    "ON CONFLICT (client_id) DO UPDATE SET "
+    "tenant_id = excluded.tenant_id, secret_hash = excluded.secret_hash"
+)
+SQL_CLIENT_HASH: Final = "SELECT tenant_id, secret_hash FROM api_clients WHERE client_id = ?"
+SQL_POLICY_MODE: Final = "SELECT policy_mode FROM tenants WHERE tenant_id = ?"
+SQL_SET_POLICY_MODE: Final = (
+    "INSERT INTO tenants (tenant_id, policy_mode) VALUES (?, ?) "
+    "ON CONFLICT (tenant_id) DO UPDATE SET policy_mode = excluded.policy_mode"
+)
+SQL_ALLOWED_TYPES: Final = "SELECT agent_type FROM allowed_types WHERE tenant_id = ?"
+SQL_ALLOW_TYPE: Final = (
+    "INSERT INTO allowed_types (tenant_id, agent_type) VALUES (?, ?) ON CONFLICT DO NOTHING"
+)
+# The tenant check is in the upsert's WHERE, so it holds under concurrent writers too: a row
+# of another tenant makes the statement change nothing (rowcount 0), atomically.
+_SQL_UPSERT_INSTANCE: Final = (
+    "INSERT INTO instances (instance_id, tenant_id, agent_type, deployment_mode, "
+    "url, dispatch_auth_type, credentials_ref, agent_card, tools, mcp_servers, "
+    "max_concurrent_sessions, routing_status, connection_status, "
+    "last_heartbeat_at, last_dispatch_error, registered_at, secret_ciphertext) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (instance_id) DO UPDATE SET "
+    "agent_type = excluded.agent_type, "
+    "deployment_mode = excluded.deployment_mode, url = excluded.url, "
+    "dispatch_auth_type = excluded.dispatch_auth_type, "
+    "credentials_ref = excluded.credentials_ref, "
+    "agent_card = excluded.agent_card, tools = excluded.tools, "
+    "mcp_servers = excluded.mcp_servers, "
+    "max_concurrent_sessions = excluded.max_concurrent_sessions, "
+    "routing_status = excluded.routing_status, "
+    "connection_status = excluded.connection_status, "
+    "last_heartbeat_at = {last_heartbeat_at}, "
+    "last_dispatch_error = {last_dispatch_error}, "
+    "registered_at = excluded.registered_at, "
+    "secret_ciphertext = excluded.secret_ciphertext "
+    "WHERE instances.tenant_id = excluded.tenant_id"
+)
+SQL_UPSERT_INSTANCE: Final = _SQL_UPSERT_INSTANCE.format(
+    last_heartbeat_at="excluded.last_heartbeat_at",
+    last_dispatch_error="excluded.last_dispatch_error",
+)
+# What the mesh observed (last heartbeat, last error) merged into the same statement, instead
+# of read before and written back after: between those two, another mesh process may have
+# recorded a newer heartbeat, which the write-back would undo.
+SQL_UPSERT_INSTANCE_KEEP_OBSERVED: Final = _SQL_UPSERT_INSTANCE.format(
+    last_heartbeat_at="COALESCE(excluded.last_heartbeat_at, instances.last_heartbeat_at)",
+    last_dispatch_error="COALESCE(excluded.last_dispatch_error, instances.last_dispatch_error)",
+)
+SQL_INSTANCE_SECRET: Final = (
+    "SELECT tenant_id, secret_ciphertext FROM instances WHERE instance_id = ?"
+)
+SQL_DELETE_INSTANCE: Final = "DELETE FROM instances WHERE instance_id = ?"
+SQL_CREATE_SESSION: Final = (
+    "INSERT INTO sessions (session_id, tenant_id, agent_type, metadata, created_at) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+SQL_CLOSE_SESSION: Final = (
+    "UPDATE sessions SET closed_at = ? "
+    "WHERE session_id = ? AND tenant_id = ? AND closed_at IS NULL"
+)
+SQL_GET_SESSION: Final = (
+    "SELECT session_id, tenant_id, agent_type, metadata, created_at, closed_at "
+    "FROM sessions WHERE session_id = ?"
+)
+
+
+class _Tx(Protocol):
+    """One open write transaction of a backend: statements in `?` style."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; its row count."""
+        ...
+
+
+_T = TypeVar("_T")
+
+
+class _SqlRegistry:
+    """Everything both SQL backends do alike: validation, secrets, the queries, the rows.
+
+    A backend supplies four things: `_query` (one read), `_execute` (one write statement,
+    committed on its own), `_transact` (a function of several writes run in one transaction,
+    which a backend may run again on a fresh connection when the first one turned out dead:
+    every such function here is idempotent) and `_is_duplicate` (whether an exception is a
+    unique-key violation). Each must be safe to call from any thread: the mesh calls the
+    registry from its event loop and from worker threads.
+    """
+
+    def __init__(self, *, secret_key: bytes, scrypt_n: int) -> None:
+        if not isinstance(secret_key, bytes) or len(secret_key) != 32:
+            raise ValueError("secret_key must be 32 bytes (an AES-256-GCM key)")
+        if scrypt_n < 2 or scrypt_n & (scrypt_n - 1):
+            raise ValueError("scrypt_n must be a power of two greater than 1")
+        self._aead = AESGCM(secret_key)
+        self._scrypt_n = scrypt_n
+
+    # -- what a backend supplies ----------------------------------------------------------
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        raise NotImplementedError
+
+    def _transact(self, work: Callable[[_Tx], _T]) -> _T:
+        raise NotImplementedError
+
+    def _is_duplicate(self, exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _query_one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        rows = self._query(sql, params)
+        return rows[0] if rows else None
+
+    # -- API clients and tenant policy -----------------------------------------------
+
+    def _hash_secret(self, client_secret: str) -> str:
+        salt = secrets.token_bytes(_SCRYPT_SALT_LEN)
+        digest = _scrypt(client_secret, salt, self._scrypt_n, _SCRYPT_R, _SCRYPT_P)
+        return f"scrypt${self._scrypt_n}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+
+    def add_client(self, client_id: str, client_secret: str, tenant_id: str) -> None:
+        """Create or replace an API client; replacing re-hashes with a fresh salt."""
+        encoded = self._hash_secret(client_secret)  # slow: outside the transaction
+
+        def work(tx: _Tx) -> None:
+            tx.execute(SQL_ENSURE_TENANT, (tenant_id,))
+            tx.execute(SQL_UPSERT_CLIENT, (client_id, tenant_id, encoded))
+
+        self._transact(work)
+
+    def verify_client(self, client_id: str, client_secret: str) -> str | None:
+        """The client's tenant when the secret matches, else None.
+
+        An unknown id costs one hash too, so response time does not tell a caller which
+        client ids exist."""
+        found = self._query_one(SQL_CLIENT_HASH, (client_id,))
+        if found is None:
+            _scrypt(client_secret, bytes(_SCRYPT_SALT_LEN), self._scrypt_n, _SCRYPT_R, _SCRYPT_P)
+            return None
+        tenant_id, encoded = found
+        try:
+            scheme, n, r, p, salt_b64, hash_b64 = str(encoded).split("$")
+            if scheme != "scrypt":
+                raise ValueError(scheme)
+            salt, expected = base64.b64decode(salt_b64), base64.b64decode(hash_b64)
+            actual = _scrypt(client_secret, salt, int(n), int(r), int(p))
+        except ValueError as exc:
+            raise RegistryError(f"the stored hash of client {client_id!r} is malformed") from exc
+        return str(tenant_id) if hmac.compare_digest(actual, expected) else None
+
+    def policy_mode(self, tenant_id: str) -> str:
+        """The tenant's registration policy; a tenant never configured is "open" (seed)."""
+        found = self._query_one(SQL_POLICY_MODE, (tenant_id,))
+        return "open" if found is None else str(found[0])
+
+    def set_policy_mode(self, tenant_id: str, mode: str) -> None:
+        _check_status("policy mode", mode, POLICY_MODES)
+        self._execute(SQL_SET_POLICY_MODE, (tenant_id, mode))
+
+    def allowed_types(self, tenant_id: str) -> frozenset[str]:
+        rows = self._query(SQL_ALLOWED_TYPES, (tenant_id,))
+        return frozenset(str(r[0]) for r in rows)
+
+    def allow_type(self, tenant_id: str, agent_type: str) -> None:
+        def work(tx: _Tx) -> None:
+            tx.execute(SQL_ENSURE_TENANT, (tenant_id,))
+            tx.execute(SQL_ALLOW_TYPE, (tenant_id, agent_type))
+
+        self._transact(work)
+
+    # -- instances -------------------------------------------------------------------
+
+    def put_instance(
+        self, row: InstanceRow, *, secret: str | None = None, keep_observed: bool = False
+    ) -> None:
+        """Create or replace an instance, and its stored secret with `secret`.
+
+        `row.has_secret` is ignored: what is stored decides it. Re-registering without a
+        secret removes the old one, so a switch away from shared_secret leaves none behind.
+        With `keep_observed`, a `last_heartbeat_at` or `last_dispatch_error` that is None in
+        `row` keeps the stored one (a re-registration describes the agent, not what the mesh
+        saw of it), in the same statement: safe against another process's writes.
+        Raises `InstanceConflict` when the id belongs to another tenant.
+        """
+        _check_status("routing_status", row.routing_status, ROUTING_STATUSES)
+        _check_status("connection_status", row.connection_status, CONNECTION_STATUSES)
+        blob: bytes | None = None
+        if secret is not None:
+            nonce = secrets.token_bytes(_NONCE_LEN)
+            aad = _secret_aad(row.tenant_id, row.instance_id)
+            blob = nonce + self._aead.encrypt(nonce, secret.encode("utf-8"), aad)
+        values = (
+            row.instance_id,
+            row.tenant_id,
+            row.agent_type,
+            row.deployment_mode,
+            row.url,
+            row.dispatch_auth_type,
+            row.credentials_ref,
+            _json_or_none(row.agent_card),
+            json.dumps(row.tools, separators=(",", ":")),
+            _json_or_none(row.mcp_servers),
+            row.max_concurrent_sessions,
+            row.routing_status,
+            row.connection_status,
+            row.last_heartbeat_at,
+            _json_or_none(row.last_dispatch_error),
+            row.registered_at,
+            blob,
+        )
+        upsert = SQL_UPSERT_INSTANCE_KEEP_OBSERVED if keep_observed else SQL_UPSERT_INSTANCE
+
+        def work(tx: _Tx) -> None:
+            tx.execute(SQL_ENSURE_TENANT, (row.tenant_id,))
+            if tx.execute(upsert, values) != 1:
+                raise InstanceConflict(
+                    f"instance id {row.instance_id!r} is registered by another tenant"
+                )
+
+        self._transact(work)
+
+    def get_instance(self, instance_id: str) -> InstanceRow | None:
+        found = self._query_one(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?", (instance_id,)
+        )
+        return None if found is None else _row_to_instance(found)
+
+    def delete_instance(self, instance_id: str) -> bool:
+        """Remove an instance and its secret; False when there was none."""
+        return self._execute(SQL_DELETE_INSTANCE, (instance_id,)) > 0
+
+    def list_instances(
+        self,
+        tenant_id: str | None = None,
+        *,
+        agent_type: str | None = None,
+        routing_status: str | None = None,
+        connection_status: str | None = None,
+        limit: int = 100,
+        after: str | None = None,
+    ) -> list[InstanceRow]:
+        """One page of instances ordered by id; pass the last id seen as `after` for the
+        next. Keyset paging stays correct while rows are added or removed between pages.
+        `tenant_id=None` spans every tenant (start-up loading of the router)."""
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (
+            ("tenant_id", tenant_id),
+            ("agent_type", agent_type),
+            ("routing_status", routing_status),
+            ("connection_status", connection_status),
+        ):
+            if value is not None:
+                clauses.append(f"{column} = ?")  # column from the fixed list above
+                params.append(value)
+        if after is not None:
+            clauses.append("instance_id > ?")
+            params.append(after)
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(limit)
+        rows = self._query(
+            f"SELECT {_INSTANCE_COLUMNS} FROM instances{where} ORDER BY instance_id LIMIT ?",
+            params,
+        )
+        return [_row_to_instance(r) for r in rows]
+
+    def update_status(
+        self,
+        instance_id: str,
+        *,
+        routing_status: str | Unset = UNSET,
+        connection_status: str | Unset = UNSET,
+        last_heartbeat_at: float | Unset | None = UNSET,
+        last_dispatch_error: dict[str, Any] | Unset | None = UNSET,
+    ) -> bool:
+        """Change only the keywords given (None clears a nullable one), so health and
+        connection code can each write their field without clobbering the other's.
+        False when the instance is unknown.
+
+        One UPDATE of the given columns, never a read then a write: two mesh processes
+        writing different fields of one instance at once both land."""
+        sets: list[str] = []
+        params: list[Any] = []
+        if not isinstance(routing_status, Unset):
+            _check_status("routing_status", routing_status, ROUTING_STATUSES)
+            sets.append("routing_status = ?")
+            params.append(routing_status)
+        if not isinstance(connection_status, Unset):
+            _check_status("connection_status", connection_status, CONNECTION_STATUSES)
+            sets.append("connection_status = ?")
+            params.append(connection_status)
+        if not isinstance(last_heartbeat_at, Unset):
+            sets.append("last_heartbeat_at = ?")
+            params.append(last_heartbeat_at)
+        if not isinstance(last_dispatch_error, Unset):
+            sets.append("last_dispatch_error = ?")
+            params.append(_json_or_none(last_dispatch_error))
+        if not sets:
+            return self.get_instance(instance_id) is not None
+        params.append(instance_id)
+        return self._execute(
+            f"UPDATE instances SET {', '.join(sets)} WHERE instance_id = ?", params
+        ) > 0
+
+    def instance_secret(self, instance_id: str) -> str | None:
+        """The instance's shared secret in the clear, for minting one dispatch envelope;
+        None when the instance or its secret does not exist.
+
+        Raises `SecretUnavailable` when the stored ciphertext does not authenticate."""
+        found = self._query_one(SQL_INSTANCE_SECRET, (instance_id,))
+        if found is None or found[1] is None:
+            return None
+        tenant_id, blob = str(found[0]), bytes(found[1])
+        unavailable = SecretUnavailable(
+            f"the stored secret of instance {instance_id!r} does not decrypt: the registry's "
+            "secret key is not the one it was stored with, or the row was altered or copied"
+        )
+        if len(blob) < _NONCE_LEN + _TAG_LEN:
+            raise unavailable
+        try:
+            plain = self._aead.decrypt(
+                blob[:_NONCE_LEN], blob[_NONCE_LEN:], _secret_aad(tenant_id, instance_id)
+            )
+        except InvalidTag:
+            raise unavailable from None
+        return plain.decode("utf-8")
+
+    # -- sessions --------------------------------------------------------------------
+
+    def create_session(
+        self,
+        session_id: str,
+        tenant_id: str,
+        agent_type: str | None,
+        metadata: dict[str, Any] | None,
+        now: float,
+    ) -> None:
+        """Record an opened session (spec 6 /sessions/init); the id must be new."""
+        def work(tx: _Tx) -> None:
+            tx.execute(SQL_ENSURE_TENANT, (tenant_id,))
+            tx.execute(
+                SQL_CREATE_SESSION,
+                (session_id, tenant_id, agent_type, _json_or_none(metadata), now),
+            )
+
+        try:
+            self._transact(work)
+        except Exception as exc:
+            if self._is_duplicate(exc):
+                raise RegistryError(f"session {session_id!r} already exists") from exc
+            raise
+
+    def close_session(self, tenant_id: str, session_id: str, now: float) -> bool:
+        """Close a tenant's open session. False for an unknown id, another tenant's
+        session (indistinguishable on purpose) or one already closed."""
+        return self._execute(SQL_CLOSE_SESSION, (now, session_id, tenant_id)) > 0
+
+    def get_session(self, session_id: str) -> dict[str, Any] | None:
+        found = self._query_one(SQL_GET_SESSION, (session_id,))
+        if found is None:
+            return None
+        return {
+            "session_id": found[0],
+            "tenant_id": found[1],
+            "agent_type": found[2],
+            "metadata": _load_json(found[3]),
+            "created_at": found[4],
+            "closed_at": found[5],
+        }
+
+
+class _SqliteTx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._db.execute(sql, params).rowcount
+
+
+class SqliteRegistry(_SqlRegistry):
     """`Registry` on one SQLite file (or ":memory:" for tests and throwaway meshes).
 
     Every write is its own committed transaction, so what the control plane acknowledged
@@ -268,12 +678,7 @@ class SqliteRegistry:
         secret_key: bytes,
         scrypt_n: int = 2**14,
     ) -> None:
-        if not isinstance(secret_key, bytes) or len(secret_key) != 32:
-            raise ValueError("secret_key must be 32 bytes (an AES-256-GCM key)")
-        if scrypt_n < 2 or scrypt_n & (scrypt_n - 1):
-            raise ValueError("scrypt_n must be a power of two greater than 1")
-        self._aead = AESGCM(secret_key)
-        self._scrypt_n = scrypt_n
+        super().__init__(secret_key=secret_key, scrypt_n=scrypt_n)
         # One connection shared by whichever thread calls (check_same_thread=False); the
         # lock keeps a transaction from interleaving with another thread's statements.
         self._lock = threading.RLock()
@@ -310,12 +715,6 @@ class SqliteRegistry:
                 self._closed = True
                 self._db.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     @property
     def schema_version(self) -> int:
         """The migration step this database is at (`PRAGMA user_version`)."""
@@ -346,325 +745,60 @@ class SqliteRegistry:
                 raise
             log.info("registry schema migrated to version %d", version)
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    # -- the backend ---------------------------------------------------------------------
+
+    def _query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, params).fetchall()
+
+    def _execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self._transact(lambda tx: tx.execute(sql, params))
+
+    def _transact(self, work: Callable[[_Tx], _T]) -> _T:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
+                result = work(_SqliteTx(self._db))
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            return result
 
-    @staticmethod
-    def _ensure_tenant(db: sqlite3.Connection, tenant_id: str) -> None:
-        db.execute("INSERT OR IGNORE INTO tenants (tenant_id) VALUES (?)", (tenant_id,))
+    def _is_duplicate(self, exc: BaseException) -> bool:
+        return isinstance(exc, sqlite3.IntegrityError)
 
-    # -- API clients and tenant policy -----------------------------------------------
 
-    def _hash_secret(self, client_secret: str) -> str:
-        salt = secrets.token_bytes(_SCRYPT_SALT_LEN)
-        digest = _scrypt(client_secret, salt, self._scrypt_n, _SCRYPT_R, _SCRYPT_P)
-        return f"scrypt${self._scrypt_n}${_SCRYPT_R}${_SCRYPT_P}${_b64(salt)}${_b64(digest)}"
+def open_registry(
+    target: str | os.PathLike[str],
+    *,
+    secret_key: bytes,
+    scrypt_n: int = 2**14,
+    **options: Any,
+) -> Registry:
+    """The registry `target` names: a `postgresql://` (or `postgres://`) URL opens a
+    `PostgresRegistry` (the `scale` extra: several mesh processes share it); a path,
+    `:memory:` or a `sqlite:///path` URL opens a `SqliteRegistry` (one process).
 
-    def add_client(self, client_id: str, client_secret: str, tenant_id: str) -> None:
-        """Create or replace an API client; replacing re-hashes with a fresh salt."""
-        encoded = self._hash_secret(client_secret)  # slow: outside the write lock
-        with self._tx() as db:
-            self._ensure_tenant(db, tenant_id)
-            db.execute(
-                "INSERT INTO api_clients (client_id, tenant_id, secret_hash) VALUES (?, ?, ?) "
-                "ON CONFLICT (client_id) DO UPDATE SET "
-                "tenant_id = excluded.tenant_id, secret_hash = excluded.secret_hash",
-                (client_id, tenant_id, encoded),
-            )
+    `secret_key` encrypts instance secrets at rest; every process sharing one database must
+    be given the same key. `options` go to `PostgresRegistry` (pool size, timeouts)."""
+    text = os.fspath(target)
+    if text.startswith(("postgresql://", "postgres://")):
+        from .registry_pg import PostgresRegistry
 
-    def verify_client(self, client_id: str, client_secret: str) -> str | None:
-        """The client's tenant when the secret matches, else None.
-
-        An unknown id costs one hash too, so response time does not tell a caller which
-        client ids exist."""
-        with self._lock:
-            found = self._db.execute(
-                "SELECT tenant_id, secret_hash FROM api_clients WHERE client_id = ?",
-                (client_id,),
-            ).fetchone()
-        if found is None:
-            _scrypt(client_secret, bytes(_SCRYPT_SALT_LEN), self._scrypt_n, _SCRYPT_R, _SCRYPT_P)
-            return None
-        tenant_id, encoded = found
-        try:
-            scheme, n, r, p, salt_b64, hash_b64 = str(encoded).split("$")
-            if scheme != "scrypt":
-                raise ValueError(scheme)
-            salt, expected = base64.b64decode(salt_b64), base64.b64decode(hash_b64)
-            actual = _scrypt(client_secret, salt, int(n), int(r), int(p))
-        except ValueError as exc:
-            raise RegistryError(f"the stored hash of client {client_id!r} is malformed") from exc
-        return str(tenant_id) if hmac.compare_digest(actual, expected) else None
-
-    def policy_mode(self, tenant_id: str) -> str:
-        """The tenant's registration policy; a tenant never configured is "open" (seed)."""
-        with self._lock:
-            found = self._db.execute(
-                "SELECT policy_mode FROM tenants WHERE tenant_id = ?", (tenant_id,)
-            ).fetchone()
-        return "open" if found is None else str(found[0])
-
-    def set_policy_mode(self, tenant_id: str, mode: str) -> None:
-        _check_status("policy mode", mode, POLICY_MODES)
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO tenants (tenant_id, policy_mode) VALUES (?, ?) "
-                "ON CONFLICT (tenant_id) DO UPDATE SET policy_mode = excluded.policy_mode",
-                (tenant_id, mode),
-            )
-
-    def allowed_types(self, tenant_id: str) -> frozenset[str]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT agent_type FROM allowed_types WHERE tenant_id = ?", (tenant_id,)
-            ).fetchall()
-        return frozenset(str(r[0]) for r in rows)
-
-    def allow_type(self, tenant_id: str, agent_type: str) -> None:
-        with self._tx() as db:
-            self._ensure_tenant(db, tenant_id)
-            db.execute(
-                "INSERT OR IGNORE INTO allowed_types (tenant_id, agent_type) VALUES (?, ?)",
-                (tenant_id, agent_type),
-            )
-
-    # -- instances -------------------------------------------------------------------
-
-    def put_instance(self, row: InstanceRow, *, secret: str | None = None) -> None:
-        """Create or replace an instance, and its stored secret with `secret`.
-
-        `row.has_secret` is ignored: what is stored decides it. Re-registering without a
-        secret removes the old one, so a switch away from shared_secret leaves none behind.
-        Raises `InstanceConflict` when the id belongs to another tenant.
-        """
-        _check_status("routing_status", row.routing_status, ROUTING_STATUSES)
-        _check_status("connection_status", row.connection_status, CONNECTION_STATUSES)
-        blob: bytes | None = None
-        if secret is not None:
-            nonce = secrets.token_bytes(_NONCE_LEN)
-            aad = _secret_aad(row.tenant_id, row.instance_id)
-            blob = nonce + self._aead.encrypt(nonce, secret.encode("utf-8"), aad)
-        values = (
-            row.instance_id,
-            row.tenant_id,
-            row.agent_type,
-            row.deployment_mode,
-            row.url,
-            row.dispatch_auth_type,
-            row.credentials_ref,
-            _json_or_none(row.agent_card),
-            json.dumps(row.tools, separators=(",", ":")),
-            _json_or_none(row.mcp_servers),
-            row.max_concurrent_sessions,
-            row.routing_status,
-            row.connection_status,
-            row.last_heartbeat_at,
-            _json_or_none(row.last_dispatch_error),
-            row.registered_at,
-            blob,
+        return PostgresRegistry(text, secret_key=secret_key, scrypt_n=scrypt_n, **options)
+    if options:
+        raise TypeError(f"options for PostgreSQL only: {', '.join(sorted(options))}")
+    if text.startswith("sqlite://"):
+        # sqlite:///relative/x.db and sqlite:////absolute/x.db, as SQLAlchemy spells them;
+        # sqlite:// alone (no path) is an in-memory database.
+        rest = text[len("sqlite://"):]
+        if rest and not rest.startswith("/"):
+            raise ValueError("a SQLite URL is sqlite:///PATH (three slashes, then the path)")
+        text = rest[1:] or ":memory:"
+    elif "://" in text:
+        raise ValueError(
+            "the registry is a SQLite path, sqlite:///PATH or a postgresql:// URL, "
+            f"not {text.split('://', 1)[0]}://"
         )
-        with self._tx() as db:
-            self._ensure_tenant(db, row.tenant_id)
-            cur = db.execute(
-                "INSERT INTO instances (instance_id, tenant_id, agent_type, deployment_mode, "
-                "url, dispatch_auth_type, credentials_ref, agent_card, tools, mcp_servers, "
-                "max_concurrent_sessions, routing_status, connection_status, "
-                "last_heartbeat_at, last_dispatch_error, registered_at, secret_ciphertext) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                "ON CONFLICT (instance_id) DO UPDATE SET "
-                "agent_type = excluded.agent_type, "
-                "deployment_mode = excluded.deployment_mode, url = excluded.url, "
-                "dispatch_auth_type = excluded.dispatch_auth_type, "
-                "credentials_ref = excluded.credentials_ref, "
-                "agent_card = excluded.agent_card, tools = excluded.tools, "
-                "mcp_servers = excluded.mcp_servers, "
-                "max_concurrent_sessions = excluded.max_concurrent_sessions, "
-                "routing_status = excluded.routing_status, "
-                "connection_status = excluded.connection_status, "
-                "last_heartbeat_at = excluded.last_heartbeat_at, "
-                "last_dispatch_error = excluded.last_dispatch_error, "
-                "registered_at = excluded.registered_at, "
-                "secret_ciphertext = excluded.secret_ciphertext "
-                "WHERE instances.tenant_id = excluded.tenant_id",
-                values,
-            )
-            if cur.rowcount != 1:
-                raise InstanceConflict(
-                    f"instance id {row.instance_id!r} is registered by another tenant"
-                )
-
-    def get_instance(self, instance_id: str) -> InstanceRow | None:
-        with self._lock:
-            found = self._db.execute(
-                f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ?",
-                (instance_id,),
-            ).fetchone()
-        return None if found is None else _row_to_instance(found)
-
-    def delete_instance(self, instance_id: str) -> bool:
-        """Remove an instance and its secret; False when there was none."""
-        with self._tx() as db:
-            cur = db.execute("DELETE FROM instances WHERE instance_id = ?", (instance_id,))
-            return cur.rowcount > 0
-
-    def list_instances(
-        self,
-        tenant_id: str | None = None,
-        *,
-        agent_type: str | None = None,
-        routing_status: str | None = None,
-        connection_status: str | None = None,
-        limit: int = 100,
-        after: str | None = None,
-    ) -> list[InstanceRow]:
-        """One page of instances ordered by id; pass the last id seen as `after` for the
-        next. Keyset paging stays correct while rows are added or removed between pages.
-        `tenant_id=None` spans every tenant (start-up loading of the router)."""
-        if limit < 1:
-            raise ValueError("limit must be at least 1")
-        clauses: list[str] = []
-        params: list[Any] = []
-        for column, value in (
-            ("tenant_id", tenant_id),
-            ("agent_type", agent_type),
-            ("routing_status", routing_status),
-            ("connection_status", connection_status),
-        ):
-            if value is not None:
-                clauses.append(f"{column} = ?")  # column from the fixed list above
-                params.append(value)
-        if after is not None:
-            clauses.append("instance_id > ?")
-            params.append(after)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        params.append(limit)
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_INSTANCE_COLUMNS} FROM instances{where} "
-                "ORDER BY instance_id LIMIT ?",
-                params,
-            ).fetchall()
-        return [_row_to_instance(r) for r in rows]
-
-    def update_status(
-        self,
-        instance_id: str,
-        *,
-        routing_status: str | Unset = UNSET,
-        connection_status: str | Unset = UNSET,
-        last_heartbeat_at: float | Unset | None = UNSET,
-        last_dispatch_error: dict[str, Any] | Unset | None = UNSET,
-    ) -> bool:
-        """Change only the keywords given (None clears a nullable one), so health and
-        connection code can each write their field without clobbering the other's.
-        False when the instance is unknown."""
-        sets: list[str] = []
-        params: list[Any] = []
-        if not isinstance(routing_status, Unset):
-            _check_status("routing_status", routing_status, ROUTING_STATUSES)
-            sets.append("routing_status = ?")
-            params.append(routing_status)
-        if not isinstance(connection_status, Unset):
-            _check_status("connection_status", connection_status, CONNECTION_STATUSES)
-            sets.append("connection_status = ?")
-            params.append(connection_status)
-        if not isinstance(last_heartbeat_at, Unset):
-            sets.append("last_heartbeat_at = ?")
-            params.append(last_heartbeat_at)
-        if not isinstance(last_dispatch_error, Unset):
-            sets.append("last_dispatch_error = ?")
-            params.append(_json_or_none(last_dispatch_error))
-        if not sets:
-            return self.get_instance(instance_id) is not None
-        params.append(instance_id)
-        with self._tx() as db:
-            cur = db.execute(
-                f"UPDATE instances SET {', '.join(sets)} WHERE instance_id = ?", params
-            )
-            return cur.rowcount > 0
-
-    def instance_secret(self, instance_id: str) -> str | None:
-        """The instance's shared secret in the clear, for minting one dispatch envelope;
-        None when the instance or its secret does not exist.
-
-        Raises `SecretUnavailable` when the stored ciphertext does not authenticate."""
-        with self._lock:
-            found = self._db.execute(
-                "SELECT tenant_id, secret_ciphertext FROM instances WHERE instance_id = ?",
-                (instance_id,),
-            ).fetchone()
-        if found is None or found[1] is None:
-            return None
-        tenant_id, blob = str(found[0]), bytes(found[1])
-        unavailable = SecretUnavailable(
-            f"the stored secret of instance {instance_id!r} does not decrypt: the registry's "
-            "secret key is not the one it was stored with, or the row was altered or copied"
-        )
-        if len(blob) < _NONCE_LEN + _TAG_LEN:
-            raise unavailable
-        try:
-            plain = self._aead.decrypt(
-                blob[:_NONCE_LEN], blob[_NONCE_LEN:], _secret_aad(tenant_id, instance_id)
-            )
-        except InvalidTag:
-            raise unavailable from None
-        return plain.decode("utf-8")
-
-    # -- sessions --------------------------------------------------------------------
-
-    def create_session(
-        self,
-        session_id: str,
-        tenant_id: str,
-        agent_type: str | None,
-        metadata: dict[str, Any] | None,
-        now: float,
-    ) -> None:
-        """Record an opened session (spec 6 /sessions/init); the id must be new."""
-        try:
-            with self._tx() as db:
-                self._ensure_tenant(db, tenant_id)
-                db.execute(
-                    "INSERT INTO sessions (session_id, tenant_id, agent_type, metadata, "
-                    "created_at) VALUES (?, ?, ?, ?, ?)",
-                    (session_id, tenant_id, agent_type, _json_or_none(metadata), now),
-                )
-        except sqlite3.IntegrityError as exc:
-            raise RegistryError(f"session {session_id!r} already exists") from exc
-
-    def close_session(self, tenant_id: str, session_id: str, now: float) -> bool:
-        """Close a tenant's open session. False for an unknown id, another tenant's
-        session (indistinguishable on purpose) or one already closed."""
-        with self._tx() as db:
-            cur = db.execute(
-                "UPDATE sessions SET closed_at = ? "
-                "WHERE session_id = ? AND tenant_id = ? AND closed_at IS NULL",
-                (now, session_id, tenant_id),
-            )
-            return cur.rowcount > 0
-
-    def get_session(self, session_id: str) -> dict[str, Any] | None:
-        with self._lock:
-            found = self._db.execute(
-                "SELECT session_id, tenant_id, agent_type, metadata, created_at, closed_at "
-                "FROM sessions WHERE session_id = ?",
-                (session_id,),
-            ).fetchone()
-        if found is None:
-            return None
-        return {
-            "session_id": found[0],
-            "tenant_id": found[1],
-            "agent_type": found[2],
-            "metadata": _load_json(found[3]),
-            "created_at": found[4],
-            "closed_at": found[5],
-        }
+    return SqliteRegistry(text, secret_key=secret_key, scrypt_n=scrypt_n)
