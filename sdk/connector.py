@@ -20,16 +20,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, cast
 
 from svantic_proto import Config, DispatchAuthVerifier
 from svantic_proto.auth import dispatch_auth_enabled
+from svantic_proto.backoff import backoff_delays
+from svantic_proto.errors import HandshakeRejected
 from svantic_proto.events import ConnectionClosed, SessionStarted
 
 from . import _control
@@ -217,6 +220,11 @@ class _ConnectorBase:
         self.registration: dict[str, Any] | None = None
         """The mesh's answer to the last registration."""
         self._state = "disconnected"
+        self._rejoining = False
+        self.on_event: Callable[[Any], object] | None = None
+        """Told every event of the WebSocket transport, whichever transport carries it now
+        (`SessionStarted`, `ConnectionClosed`, ...): for metrics and tests; it must not
+        block. Set it before `connect()` to see the first welcome too."""
 
     # -- what users read ---------------------------------------------------------------------
 
@@ -317,11 +325,44 @@ class _ConnectorBase:
         log.info("%s: %s%s", self.settings.instance_id, state, f" ({detail})" if detail else "")
 
     def _on_transport_event(self, event: Any) -> None:
+        self._track(event)
+        hook = self.on_event
+        if hook is not None:
+            try:
+                hook(event)
+            except Exception:  # an application callback must not stop the connector
+                log.exception("%s: on_event failed", self.settings.instance_id)
+
+    def _track(self, event: Any) -> None:
         if isinstance(event, SessionStarted):
             self._set_state("connected", "resumed" if event.resumed else
                             f"connection {event.connection_id}")
         elif isinstance(event, ConnectionClosed) and self._connected:
+            if self._forgotten(event):
+                self._rejoining = True
+                self._set_state("registering again", "the mesh does not know this instance")
+                self._start_rejoin()
+                return
             self._set_state("reconnecting", f"close code {event.code}")
+
+    def _forgotten(self, event: ConnectionClosed) -> bool:
+        """A handshake answered 404 `INSTANCE_NOT_FOUND`: the mesh no longer knows this
+        instance (it lost its registry, or deregistered the instance). Spec 5 does not retry
+        a 404, so the transport stops for good; the connector holds what the registration
+        needs, so it registers again and dials the new `connect_url` (one rejoin at a time)."""
+        error = event.error
+        return (isinstance(error, HandshakeRejected) and error.status == 404
+                and self._deployment_mode == "connected" and not self._rejoining)
+
+    def _start_rejoin(self) -> None:
+        """Run `_rejoin` in the connector's concurrency (a task, or a greenlet)."""
+        raise NotImplementedError
+
+    def _rejoin_delays(self) -> Iterator[float]:
+        """The transport's own backoff (spec 5: doubling, capped, jittered) between tries."""
+        config = self.config or Config()
+        return backoff_delays(random.random, base=config.reconnect_base_delay,
+                              cap=config.reconnect_max_delay)
 
     def _transport_ready(self) -> bool:
         transport = self._transport
@@ -449,6 +490,10 @@ class MeshConnector(_ConnectorBase):
         self._use_anyio = self.settings.adapter == "anyio"
         self._control: _control.AsyncControl | None = None
         self._tasks = _Tasks(self._use_anyio)
+        self._held: set[Any] = set()
+        """anyio: transports a rejoin task entered, and exits itself."""
+        self._stale: list[Any] = []
+        """anyio: transports replaced by a rejoin, exited by `disconnect()`'s task."""
 
     async def __aenter__(self) -> MeshConnector:
         await self.connect()
@@ -501,9 +546,15 @@ class MeshConnector(_ConnectorBase):
     async def _teardown(self, *, deregister: bool) -> None:
         self._connected = False
         transport, self._transport = self._transport, None
-        if transport is not None:
+        stale, self._stale = self._stale, []
+        for old in [*stale, transport]:
+            if old is None:
+                continue
             try:
-                await transport.__aexit__(None, None, None)
+                if old in self._held:  # its own task exits it, once the group is cancelled
+                    await old.stop()
+                else:
+                    await old.__aexit__(None, None, None)
             except Exception:
                 log.exception("%s: stopping the transport failed", self.settings.instance_id)
         hosted, self._hosted = self._hosted, None
@@ -618,6 +669,76 @@ class MeshConnector(_ConnectorBase):
 
     def _provider(self) -> Callable[[], Awaitable[str]] | None:
         return self._fresh_token if self._credentials() is not None else None
+
+    def _start_rejoin(self) -> None:
+        self._tasks.spawn(self._rejoin)
+
+    async def _rejoin(self) -> None:
+        """Register again and dial, with backoff, until it works or `disconnect()`.
+
+        On anyio a transport's task group is the task's that entered it, so this task enters
+        the new transport and stays in it (`_hold`) until it ends; the old one, entered by
+        `connect()`'s task, is left for `disconnect()` to exit there."""
+        try:
+            for delay in self._rejoin_delays():
+                if not self._connected:
+                    return
+                old, self._transport = self._transport, None
+                if old is not None:
+                    if self._use_anyio:
+                        self._stale.append(old)
+                    else:
+                        with contextlib.suppress(Exception):
+                            await old.__aexit__(None, None, None)
+                try:
+                    connect_url = self._registered(await self._send(
+                        _control.register_call(self._registration(None))))
+                    if connect_url is None:
+                        raise NotConnectedError("the registration's answer has no connect_url")
+                    if self._use_anyio:
+                        await self._hold(connect_url)
+                        if not self._connected:
+                            return
+                        raise NotConnectedError("the new connection ended")
+                    await self._dial(connect_url)
+                except HandshakeRejected as exc:
+                    if exc.status != 404:  # final (spec 5), as for the first transport
+                        log.warning("%s: giving up: %s", self.instance_id, exc)
+                        return
+                    log.warning("%s: the mesh does not know this instance again; next try "
+                                "in %.1f s", self.instance_id, delay)
+                    await self._tasks.sleep(delay)
+                    continue
+                except Exception as exc:
+                    log.warning("%s: registering again failed (%s); next try in %.1f s",
+                                self.instance_id, exc, delay)
+                    await self._tasks.sleep(delay)
+                    continue
+                log.info("%s: registered again", self.instance_id)
+                return
+        finally:
+            self._rejoining = False
+
+    async def _hold(self, connect_url: str) -> None:
+        """anyio: dial in this task and stay until the transport ends (a final refusal
+        raises) or `disconnect()` stops it. `_rejoining` stays set meanwhile: this task is
+        the one that registers again, should the mesh forget the instance once more."""
+        from svantic_adapters.anyio import Agent as AnyioTransport
+
+        transport = AnyioTransport(connect_url, token_provider=self._provider(),
+                                   **self._transport_options(connect_url))
+        transport.on_event = self._on_transport_event
+        self._transport = transport
+        self._held.add(transport)
+        self._set_state("dialling", connect_url)
+        try:
+            async with transport:
+                log.info("%s: registered again", self.instance_id)
+                await transport.run()
+        finally:
+            self._held.discard(transport)
+            if self._transport is transport:  # exited here: nothing left for disconnect()
+                self._transport = None
 
     async def _serve_hosted(self) -> str:
         hosted = self._hosted_module()
@@ -819,6 +940,47 @@ class GeventMeshConnector(_ConnectorBase):
         self._granted(self._exchange())
         assert self._token is not None
         return self._token
+
+    def _start_rejoin(self) -> None:
+        import gevent
+
+        self._greenlets.append(gevent.spawn(self._rejoin))
+
+    def _rejoin(self) -> None:
+        """As `MeshConnector._rejoin`, in a greenlet."""
+        import gevent
+
+        try:
+            for delay in self._rejoin_delays():
+                if not self._connected:
+                    return
+                old, self._transport = self._transport, None
+                if old is not None:
+                    with contextlib.suppress(Exception):
+                        old.stop(0)
+                try:
+                    connect_url = self._registered(self._send(
+                        _control.register_call(self._registration(None))))
+                    if connect_url is None:
+                        raise NotConnectedError("the registration's answer has no connect_url")
+                    self._dial(connect_url)
+                except HandshakeRejected as exc:
+                    if exc.status != 404:  # final (spec 5), as for the first transport
+                        log.warning("%s: giving up: %s", self.instance_id, exc)
+                        return
+                    log.warning("%s: the mesh does not know this instance again; next try "
+                                "in %.1f s", self.instance_id, delay)
+                    gevent.sleep(delay)
+                    continue
+                except Exception as exc:
+                    log.warning("%s: registering again failed (%s); next try in %.1f s",
+                                self.instance_id, exc, delay)
+                    gevent.sleep(delay)
+                    continue
+                log.info("%s: registered again", self.instance_id)
+                return
+        finally:
+            self._rejoining = False
 
     def _dial(self, connect_url: str) -> None:
         from svantic_adapters.gevent import Agent as GeventTransport
