@@ -108,7 +108,8 @@ class TokenIssuer:
         """The claims of a valid token; raises `InvalidToken` for anything else.
 
         Checks: HS256 only, the signature, `iss`, the five required claims with their
-        types, `iat` not in the future and `exp` not past, both with `leeway`.
+        types, a lifetime (`exp - iat`) no longer than this issuer's `ttl` plus `leeway`,
+        `iat` not in the future and `exp` not past, both with `leeway`.
         """
         if not isinstance(token, str) or not token or len(token) > _MAX_TOKEN_CHARS:
             raise InvalidToken("malformed token")
@@ -144,6 +145,10 @@ class TokenIssuer:
         exp: Any = claims.get("exp")
         if not _is_number(iat) or not _is_number(exp):
             raise InvalidToken("iat and exp must be numbers")
+        if exp - iat > self._ttl + self._leeway:
+            # Only a holder of the secret could sign it, but this issuer never grants that
+            # long: a token that outlives every one it mints is refused, not trusted forever.
+            raise InvalidToken("token lifetime exceeds the issuer's")
         self._check_times(iat, exp, wall)
         if len(self._verified) >= _CACHED_TOKENS:
             self._verified.clear()

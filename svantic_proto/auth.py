@@ -132,6 +132,9 @@ class DispatchClaims(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     nbf: int | UnsetType = UNSET
 
 
+_MAX_TOKEN_CHARS: Final = 8192
+"""A minted token is a few hundred characters; a longer one is refused before any work."""
+
 _CLAIMS_DECODER: Final = msgspec.json.Decoder(DispatchClaims)
 _JSON_DECODER: Final = msgspec.json.Decoder()
 _JSON_ENCODER: Final = msgspec.json.Encoder()
@@ -777,6 +780,9 @@ class DispatchAuthVerifier:
         miss takes `_verify_segments`, every check in order, so a refusal always carries
         the reason the first failing check gives.
         """
+        if type(token) is str and len(token) > _MAX_TOKEN_CHARS:
+            raise _fail(DispatchAuthFailure.MALFORMED,
+                        f"token is longer than {_MAX_TOKEN_CHARS} characters")
         try:
             header_segment, claims_segment, signature_segment = token.encode("ascii").split(b".")
         except (UnicodeEncodeError, AttributeError):

@@ -179,7 +179,7 @@ def _explain(data: bytes | str, exc: BaseException | None) -> FrameError:
         except UnicodeEncodeError:
             return FrameError("text contains a lone surrogate (not valid UTF-8)", close_code=1007)
     if isinstance(exc, RecursionError):
-        return FrameError("JSON nested too deeply (msgspec's limit is about 1000 levels)")
+        return FrameError("JSON nested too deeply (the limit is about 1000 levels)")
     try:
         envelope = _envelope_decoder.decode(text)
     except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as err:

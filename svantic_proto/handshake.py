@@ -495,6 +495,13 @@ class ServerHandshake:
                 event = connection.next_event()
                 if isinstance(event, h11.Request):
                     request = event
+                    # The bound first: a head over it is 431 however it arrived (h11 reads
+                    # a complete head of any size, and would otherwise let the screen
+                    # below answer 426 for it when it came in one read, 431 in pieces).
+                    if self._received - len(connection.trailing_data[0]) > (
+                            self._max_header_bytes):
+                        return self._refuse(431, "REQUEST_HEADERS_TOO_LARGE",
+                                            self._too_large())
                     refusal = self._screen(event)
                     if refusal is not None:
                         return refusal
@@ -509,8 +516,11 @@ class ServerHandshake:
                         400, "BAD_REQUEST", "connection closed before a full request"
                     )
         except h11.RemoteProtocolError as exc:
-            # The peer's bytes are not echoed back: the message is ours, fixed.
-            if exc.error_status_hint == 431:
+            # The peer's bytes are not echoed back: the message is ours, fixed. A head over
+            # the bound is 431 even when it is also malformed (h11 takes the whole head out
+            # of its buffer before it checks it): the same answer however it arrived.
+            if exc.error_status_hint == 431 or (
+                    self._received - len(connection.trailing_data[0]) > self._max_header_bytes):
                 return self._refuse(431, "REQUEST_HEADERS_TOO_LARGE", self._too_large())
             return self._refuse(400, "BAD_REQUEST", "malformed HTTP/1.1 request")
         if request is None:  # pragma: no cover - EndOfMessage follows a Request

@@ -89,6 +89,10 @@ __all__ = [
     "held_failures",
 ]
 
+_MAX_FRAME_HEAD = 14
+"""Bytes of the largest WebSocket frame header (RFC 6455 5.2): with a whole message, the
+most a client may pipeline before the 101."""
+
 
 @dataclass(frozen=True, slots=True)
 class DispatchRoute:
@@ -218,6 +222,7 @@ class MeshConnection(_Connection):
         )
         self._request: UpgradeRequested | None = None
         self._pending_input = bytearray()
+        self._pending_overflow = False
         self._mint = dispatch_auth
         # `jwt_dispatch_auth`'s minter bound to this agent's claims, and the claims it was
         # bound for (instance, agent type, tenant): spec 7 `aud`, `sub`, `tenant_id`.
@@ -264,7 +269,17 @@ class MeshConnection(_Connection):
             self._request = result
             self._events.append(UpgradeRequest(result))
         elif state is _UPGRADE_PENDING:
-            self._pending_input += data  # the decision is the application's; keep the bytes
+            # The decision is the application's (its lookups may take a while); keep the
+            # bytes, up to one message's worth: a client must wait for the 101 (RFC 6455
+            # 4.1), so a pipelined hello is tolerated, a stream is not buffered without end.
+            if self._pending_overflow:
+                return
+            if len(self._pending_input) + len(data) > (
+                    self.config.max_message_bytes + _MAX_FRAME_HEAD):
+                self._pending_overflow = True
+                self._pending_input = bytearray()
+            else:
+                self._pending_input += data
         else:
             self._feed_framing(data, now)
 
@@ -312,6 +327,12 @@ class MeshConnection(_Connection):
         extra = handshake.extra + bytes(self._pending_input)
         self._pending_input = bytearray()
         self._handshake = self._request = None  # HTTP is over: keep idle connections small
+        if self._pending_overflow:  # what it sent early was not kept: it cannot be read
+            self._start_framing(b"", now)
+            message = "more than a message was sent before the upgrade was answered"
+            self._close_error = RemoteProtocolError(message, code="BAD_FRAME", close_code=1009)
+            self._fail(1009, message, now)
+            return
         self._start_framing(extra, now)
 
     def reject(self, decision: Reject | None = None, *, status: int = 0, code: str = "",
