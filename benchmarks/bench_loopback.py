@@ -48,6 +48,7 @@ import contextlib
 import cProfile
 import gc
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -712,6 +713,27 @@ async def serve_idle(adapter: str, tls_enabled: bool, traced: bool) -> None:
     await server.close(grace=0)
 
 
+async def serve_idle_trio(tls_enabled: bool, traced: bool) -> None:
+    """`serve_idle` for the anyio adapter on trio (anyio's streams, a task per reader)."""
+    import anyio
+    import anyio.to_thread
+
+    module = importlib.import_module("svantic_adapters.anyio")
+    tls = Tls.make(tls_enabled)
+    server = module.MeshServer(**mesh_options(tls), max_connections=100_000)
+    _, port = await server.start("127.0.0.1", 0)
+    start_tracing(traced)
+    print(json.dumps({"port": port, "ca_pem": tls.ca_pem}), flush=True)
+    previous = None
+    while line := (await anyio.to_thread.run_sync(sys.stdin.readline)).strip():
+        with anyio.move_on_after(60):
+            while len(server.agents) < int(line):
+                await anyio.sleep(0.01)
+        report, previous = memory_report(len(server.agents), previous)
+        print(json.dumps(report), flush=True)
+    await server.close(grace=0)
+
+
 def serve_idle_gevent(tls_enabled: bool, traced: bool) -> None:
     """`serve_idle` for the gevent adapter (in a patched child)."""
     import gevent
@@ -858,6 +880,11 @@ async def run_async_round_trips(modules: dict[str, Any], tls: Tls, args: argpars
         while candidates:
             with contextlib.suppress(Exception):
                 await candidates.pop().close()
+
+
+def has_trio() -> bool:
+    """The anyio adapter's memory is measured on trio too when trio is installed."""
+    return importlib.util.find_spec("trio") is not None
 
 
 def pick_cpus() -> tuple[int | None, int | None]:
@@ -1130,7 +1157,8 @@ def run(args: argparse.Namespace, modules: dict[str, Any], outcome: Outcome) -> 
                 outcome.failures["gevent round trips"] = str(exc)
     if args.idle > 0:
         raise_fd_limit(2 * (args.idle + IDLE_BATCH) + 512)
-        for name in modules:
+        servers = [*modules, *(["anyio-trio"] if "anyio" in modules and has_trio() else [])]
+        for name in servers:
             try:
                 outcome.rss[name] = [
                     asyncio.run(measure_idle(name, not args.no_tls, args.idle, False, server_cpu))
@@ -1146,6 +1174,11 @@ def main(argv: Sequence[str] | None = None, out: Callable[[str], None] = print) 
     args = parse_args(argv)
     if args.serve_idle == "gevent":
         serve_idle_gevent(not args.no_tls, args.traced)
+        return 0
+    if args.serve_idle == "anyio-trio":
+        import anyio
+
+        anyio.run(serve_idle_trio, not args.no_tls, args.traced, backend="trio")
         return 0
     if args.serve_idle:
         asyncio.run(serve_idle(args.serve_idle, not args.no_tls, args.traced))

@@ -1,18 +1,18 @@
 """One command for every benchmark: pinned, interleaved, repeated, recorded.
 
-    .venv/bin/python benchmarks/run_all.py              # full run, about 10 min on 2 CPUs
+    .venv/bin/python benchmarks/run_all.py              # full run, about 12 min on 2 CPUs
     .venv/bin/python benchmarks/run_all.py --quick      # smoke run: figures not meaningful
     .venv/bin/python benchmarks/run_all.py --readme     # README block from the latest results
     .venv/bin/python benchmarks/run_all.py --no-c-extension  # as installed without a C compiler
 
 Every bench script runs as a subprocess with `--json PATH`, pinned with `os.sched_setaffinity`:
 "one-cpu" is the whole run on the first allowed CPU, "split" is the whole run allowed every CPU
-(only bench_mesh and the loopback memory run place their processes on different CPUs; see
-PLACEMENT_NOTES). The jobs run round-robin, `--processes` times (each time in a rotated order,
-with another interleaving seed), and every figure is reported as the median over the processes
-with min and max. Before starting, the load average and a one-second CPU-idle sample from
-/proc/stat are checked: a busy machine makes the harness refuse to run, unless
-`--allow-busy`, when the results say so in `busy` (and the README block says so too).
+(bench_split, bench_scale and the loopback memory run then pin their processes one by one;
+bench_mesh leaves them to the kernel; see PLACEMENT_NOTES). The jobs run round-robin, `--processes`
+times (each time in a rotated order, with another interleaving seed), and every figure is reported
+as the median over the processes with min and max. Before starting, the load average and a
+one-second CPU-idle sample from /proc/stat are checked: a busy machine makes the harness refuse to
+run, unless `--allow-busy`, when the results say so in `busy` (and the README block says so too).
 Writes benchmarks/results/<YYYY-MM-DD>.json and two PNG charts next to it.
 """
 
@@ -62,7 +62,7 @@ class Job:
 
 JOBS = (
     Job("codec", "bench_codec.py", "one-cpu", ("--repeats", "9"), ("--quick",)),
-    Job("auth", "bench_auth.py", "one-cpu", ("--repeats", "9"), ("--quick",)),
+    Job("auth", "bench_auth.py", "one-cpu", ("--repeats", "5"), ("--quick",)),
     Job("framing", "bench_framing.py", "one-cpu", ("--repeats", "7"),
         ("--messages", "500", "--repeats", "2"), seeded=False),
     Job("roundtrip", "bench_roundtrip.py", "one-cpu", ("--repeats", "20"), ("--quick",)),
@@ -70,8 +70,11 @@ JOBS = (
         seeded=False),
     Job("sdk", "bench_sdk.py", "one-cpu", ("--repeats", "9"), ("--quick",)),
     Job("loopback", "bench_loopback.py", "one-cpu",
-        ("--idle", "0", "--repeats", "4", "--sequential", "1500", "--pipelined", "6000"),
+        ("--idle", "0", "--repeats", "3", "--sequential", "1000", "--pipelined", "4000"),
         ("--quick", "--idle", "0")),
+    Job("split", "bench_split.py", "split",
+        ("--repeats", "3", "--sequential", "400", "--pipelined", "2000"),
+        ("--quick", "--contenders", "asyncio,websockets", "--repeats", "1")),
     Job("loopback-memory", "bench_loopback.py", "split",
         ("--skip-round-trips", "--idle", "2000", "--idle-repeats", "1"),
         ("--skip-round-trips", "--quick"), seeded=False),
@@ -83,13 +86,21 @@ JOBS = (
     Job("mesh", "bench_mesh.py", "split",
         ("--repeats", "3", "--sequential", "2000", "--concurrent", "6400", "--warmup", "500",
          "--no-routing"), ("--quick", "--no-routing"), seeded=False),
+    Job("scale", "bench_scale.py", "split", ("--agents", "2000"), ("--quick",), seeded=False),
 )
-ONCE = {"loopback-memory@split", "tls-memory@one-cpu"}  # memory figures: one process is enough
+ONCE = {"loopback-memory@split", "tls-memory@one-cpu", "scale@split"}
+"""Memory and scale figures: one process is enough (and a 2,000-agent run takes a minute)."""
 
 PLACEMENT_NOTES = {
     "loopback": "bench_loopback runs both ends in one process (asyncio, anyio: one event loop; "
                 "gevent: one hub in a child), so client and server cannot be split: the whole "
-                "run is pinned to one CPU. Split figures are not measured.",
+                "run is pinned to one CPU. bench_split measures both placements.",
+    "split": "bench_split runs each side of a round trip in its own process and pins them "
+             "itself before each batch: one-cpu, both on the first allowed CPU; split, the "
+             "driver (our mesh, an echo's client) on the first and the answerer (our agent, "
+             "an echo's server) on the second.",
+    "scale": "bench_scale pins the mesh process to the first allowed CPU and the agents' "
+             "client processes to the second.",
     "loopback-memory": "the server child on the second CPU, the connecting client on the first "
                        "(the script pins them itself when allowed two CPUs).",
     "mesh": "one-cpu: mesh, agent, echo server and client all pinned to one CPU; split: all "
@@ -142,6 +153,9 @@ def describe_build(python: str) -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
+    executable = Path(build["executable"])  # no machine directories in a committed file
+    build["executable"] = (str(executable.relative_to(ROOT)) if executable.is_relative_to(ROOT)
+                           else executable.name)
     build["name"] = "compiled (mypyc)" if build["compiled"] else "pure Python (the sources)"
     return {"build": build, "versions": versions}
 
@@ -236,7 +250,35 @@ def summarize(jobs: dict[str, dict[str, Any]]) -> dict[str, Any]:
                     "echo_rt_per_s": spread([v["echo_rt_per_s"] for v in values]),
                 }
         summary["loopback_one_cpu"] = loopback
+    split_runs = [r["data"] for r in jobs.get("split@split", {}).get("runs", []) if "data" in r]
+    if split_runs:
+        summary["loopback_processes"] = {
+            "comparisons": across_processes(split_runs, "comparisons", ("ours", "echo")),
+            "uvloop_gains": across_processes(split_runs, "uvloop_gains", ("uvloop", "stock")),
+            "labels": split_runs[0]["labels"], "sizes": split_runs[0]["sizes"],
+        }
+    scale = [r["data"] for r in jobs.get("scale@split", {}).get("runs", []) if "data" in r]
+    if scale:
+        summary["scale"] = scale[0]
     return summary
+
+
+def across_processes(runs: list[dict[str, Any]], field: str,
+                     names: tuple[str, str]) -> list[dict[str, Any]]:
+    """Rows of `field` keyed by `names` and placement; each mode's per-process median ratio as
+    median with min-max over the processes."""
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for run in runs:
+        for row in run[field]:
+            key = (row[names[0]], row[names[1]], row["placement"])
+            entry = rows.setdefault(key, {names[0]: key[0], names[1]: key[1],
+                                          "placement": key[2], "sequential": [],
+                                          "pipelined": []})
+            for mode in ("sequential", "pipelined"):
+                if row.get(mode):
+                    entry[mode].append(row[mode]["median"])
+    return [{**entry, "sequential": spread(entry["sequential"]),
+             "pipelined": spread(entry["pipelined"])} for entry in rows.values()]
 
 
 def table_rows(jobs: dict[str, Any], key: str, title_start: str,
@@ -259,8 +301,11 @@ def charts(result: dict[str, Any], stem: Path) -> list[str]:
     written = []
     build = result["build"]["name"]
     busy = " (machine busy: see results)" if result["busy"]["busy"] else ""
+    processes = result["summary"].get("loopback_processes")
     loopback = result["summary"].get("loopback_one_cpu")
-    if loopback:
+    if processes:
+        written.append(processes_chart(plt, processes, stem, f"{build}{busy}"))
+    elif loopback:
         fig, ax = plt.subplots(figsize=(7, 4))
         adapters = list(loopback)
         for offset, mode in ((-0.2, "sequential"), (0.2, "pipelined")):
@@ -306,6 +351,40 @@ def charts(result: dict[str, Any], stem: Path) -> list[str]:
     return written
 
 
+def processes_chart(plt: Any, processes: dict[str, Any], stem: Path, subtitle: str) -> str:
+    """Ours / echo per adapter and echo, one panel per placement, sequential and pipelined."""
+    labels = processes["labels"]
+    placements = [p for p in ("one-cpu", "split")
+                  if any(r["placement"] == p for r in processes["comparisons"])]
+    fig, axes = plt.subplots(1, len(placements), figsize=(6 * len(placements), 4.8),
+                             sharey=True, squeeze=False)
+    for ax, placement in zip(axes[0], placements, strict=True):
+        rows = [r for r in processes["comparisons"] if r["placement"] == placement]
+        names = [f"{labels[r['ours']].removeprefix('ours, ')}\nvs {labels[r['echo']]}"
+                 for r in rows]
+        for offset, mode in ((-0.2, "sequential"), (0.2, "pipelined")):
+            cells = [r[mode] for r in rows]
+            meds = [c["median"] if c else 0.0 for c in cells]
+            errors = [[m - c["min"] if c else 0.0 for m, c in zip(meds, cells, strict=True)],
+                      [c["max"] - m if c else 0.0 for m, c in zip(meds, cells, strict=True)]]
+            ax.bar([i + offset for i in range(len(rows))], meds, width=0.4, label=mode,
+                   yerr=errors, capsize=3)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks(range(len(rows)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_title(f"{placement}: " + ("both processes on one CPU" if placement == "one-cpu"
+                                         else "driver and answerer on separate CPUs"),
+                     fontsize=9)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("ours / echo (round trips per s)")
+    fig.suptitle(f"Loopback, TLS, each side in its own process: median, min-max over processes"
+                 f"\n{subtitle}", fontsize=9)
+    fig.tight_layout()
+    path = stem.with_name(stem.name + "-loopback.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path.name
+
+
 # --- the README block ----------------------------------------------------------------------
 
 
@@ -325,7 +404,8 @@ def readme_block(result: dict[str, Any], name: str) -> str:
         f"{'loaded' if build['speedups_loaded'] else 'NOT loaded'}, Python "
         f"{result['versions']['python']}, {result['machine']['cpu_model']}, "
         f"{result['machine']['cpu_count']} CPUs. Median (min-max) over "
-        f"{result['processes']} processes; loopback with client and server on one CPU."
+        f"{result['processes']} processes. \"one CPU\": both sides of a round trip pinned "
+        "to one CPU; \"split\": each on its own."
     )
     lines = textwrap.wrap(intro, 99, break_on_hyphens=False)
     if result["busy"]["busy"]:
@@ -363,8 +443,20 @@ def readme_block(result: dict[str, Any], name: str) -> str:
                          f"{fmt(row['x websockets echo'])} websockets' sans-IO echo |")
     for adapter, modes in summary.get("loopback_one_cpu", {}).items():
         lines.append(f"| loopback TLS round trips, {adapter} vs {modes['sequential']['echo']}, "
-                     f"one CPU | sequential {fmt(modes['sequential']['ratio'])}, pipelined "
-                     f"{fmt(modes['pipelined']['ratio'])} |")
+                     f"one process, one CPU | sequential {fmt(modes['sequential']['ratio'])}, "
+                     f"pipelined {fmt(modes['pipelined']['ratio'])} |")
+    processes = summary.get("loopback_processes")
+    if processes:
+        labels = processes["labels"]
+        for row in processes["comparisons"]:
+            lines.append(f"| loopback TLS round trips, {labels[row['ours']]} / "
+                         f"{labels[row['echo']]}, two processes, {row['placement']} | "
+                         f"sequential {fmt(row['sequential'])}, pipelined "
+                         f"{fmt(row['pipelined'])}; target 1.0x |")
+        for row in processes["uvloop_gains"]:
+            lines.append(f"| uvloop / stock asyncio loop, {labels[row['stock']]}, "
+                         f"{row['placement']} | sequential {fmt(row['sequential'])}, pipelined "
+                         f"{fmt(row['pipelined'])} |")
     memory = table_rows(jobs, "loopback-memory@split", "Memory per idle")
     floor = table_rows(jobs, "tls-memory@one-cpu", "OpenSSL")
     if memory:
@@ -379,6 +471,21 @@ def readme_block(result: dict[str, Any], name: str) -> str:
             parts = ", ".join(f"{r['mode']} {fmt(r['throughput mesh / echo'])}" for r in ratios)
             lines.append(f"| `svantic mesh` HTTP dispatch throughput vs a uvicorn echo, "
                          f"{placement} | {parts} |")
+    scale = summary.get("scale")
+    if scale:
+        connect, storm = scale["connect"], scale["storm"]
+        dropped = sum(connect["mesh_log"].values())
+        lines.append(f"| {connect['agents']:,} idle agents on one mesh process (asyncio, TLS, "
+                     f"default timers) | connected in {connect['seconds']:.1f} s, "
+                     f"{connect['rss_kib_per_agent']:.1f} KiB per agent, mesh idle CPU "
+                     f"{100 * connect['idle_cpu_share']:.2f}%, {dropped} handshakes dropped "
+                     "or refused |")
+        if storm:
+            lines.append(f"| reconnect storm of {storm['agents']:,} after a mesh restart "
+                         f"(SIGKILL) | all back {storm['seconds_from_kill']:.1f} s after the "
+                         f"kill ({storm['seconds_from_listening']:.1f} s after the new mesh "
+                         f"listened); {sum(storm['mesh_log'].values())} handshakes dropped or "
+                         "refused |")
     if result.get("quick"):
         lines += ["", "(quick run: figures not meaningful)"]
     return "\n".join(lines)

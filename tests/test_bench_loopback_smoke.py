@@ -88,6 +88,17 @@ def test_quick_run_measures_idle_memory_in_a_server_process() -> None:
     assert "svantic_proto/" in out  # the core's own share is attributed by file
 
 
+@pytest.mark.skipif(not bench_loopback.has_trio(), reason="trio is not installed")
+def test_the_anyio_adapter_memory_is_measured_on_trio_too() -> None:
+    code, out = run_main(["--quick", "--skip-round-trips", "--adapters", "anyio",
+                          "--idle", "20"])
+    assert code == 0, out
+    row = next(line for line in out.splitlines() if line.startswith("| anyio-trio | 20 |"))
+    assert float(row.split("|")[4]) > 0  # traced Python memory per connection
+    assert "Traced growth per idle connection by file, anyio-trio" in out
+    assert "trio/" in out  # trio's own objects are attributed by file
+
+
 def synthetic(ours_seconds: float, echo_seconds: float) -> bench_loopback.Outcome:
     results = bench_loopback.RoundTrips(counts={"sequential": 100, "pipelined": 100})
     for mode in bench_loopback.MODES:

@@ -44,7 +44,7 @@ def test_run_all_quick_writes_into_the_given_folder(tmp_path: Path) -> None:
         charts = ["--no-charts"]
     done = subprocess.run(
         [sys.executable, str(RUN_ALL), "--quick", "--allow-busy", "--out", str(tmp_path),
-         "--only", "codec,routing,loopback", *charts],
+         "--only", "codec,routing,loopback,split", *charts],
         capture_output=True, text=True, timeout=300, check=False, cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,6 +57,9 @@ def test_run_all_quick_writes_into_the_given_folder(tmp_path: Path) -> None:
     assert result["machine"]["cpu_count"] >= 1
     assert "busy" in result["busy"]
     assert result["summary"]["codec_vs_floor"] and result["summary"]["loopback_one_cpu"]
+    comparisons = result["summary"]["loopback_processes"]["comparisons"]
+    assert {row["placement"] for row in comparisons} >= {"one-cpu"}  # split too, on 2 CPUs
+    assert all(row["sequential"]["min"] <= row["sequential"]["median"] for row in comparisons)
     ratio = result["summary"]["codec_vs_floor"]["hello"]["svantic_proto"]
     assert ratio["min"] <= ratio["median"] <= ratio["max"]
     if not charts:
