@@ -86,7 +86,7 @@ class TlsSession:
         self._usable()
         self._handshake()
 
-    def receive_data(self, data: bytes) -> bytes:
+    def receive_data(self, data: bytes | memoryview) -> bytes:
         """Ciphertext read from the transport in; the plaintext it completes out (`b""` if none).
 
         Drives the handshake first: check `handshake_complete` (plaintext may follow the
