@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -59,7 +59,7 @@ from .registry import Registry
 from .routing import Router, RouterConfig
 from .tokens import TokenIssuer
 
-__all__ = ["AsyncMesh", "GeventMesh", "MeshParts", "MeshSettings"]
+__all__ = ["AsyncMesh", "GeventMesh", "MeshParts", "MeshSettings", "socket_outcome"]
 
 log = logging.getLogger("svantic.mesh")
 dispatch_log = logging.getLogger("svantic.mesh.dispatch")
@@ -96,12 +96,69 @@ class MeshSettings:
 
 
 class _Fleet(Fleet):
-    """The fleet, plus what only the serving code can see: routing time, and which
-    instances were deregistered (their sockets must close)."""
+    """The fleet, plus what only the serving code can see: routing time, which instances
+    were deregistered (their sockets must close), and, when the mesh runs as several
+    processes, the cluster to tell of every change made here (`observer`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.gone: list[str] = []
+        self.observer: Any = None
+        """The process's `MeshCluster` (scale-out), told what happened here."""
+        self.neutral: set[int] = set()
+        """Leases refused by the shared capacity: given back `neutral` (not the agent's
+        fault), whatever the code the caller gets."""
+
+    def _told(self) -> Any:
+        observer = self.observer
+        return None if observer is None or observer.mirroring else observer
+
+    def registered(self, row: Any, **kwargs: Any) -> None:
+        super().registered(row, **kwargs)
+        if (observer := self._told()) is not None:
+            observer.registered(row.instance_id)
+
+    def agent_connected(self, instance_id: str, *, capabilities: Any, now: float, wall: float,
+                        remote: bool = False) -> bool:
+        connected = super().agent_connected(instance_id, capabilities=capabilities, now=now,
+                                            wall=wall, remote=remote)
+        if connected and not remote and (observer := self._told()) is not None:
+            state = self.router.get(instance_id)
+            observer.connected(instance_id, list(state.capabilities) if state else [])
+        return connected
+
+    def agent_disconnected(self, instance_id: str, now: float, wall: float) -> None:
+        observer = self._told()
+        if observer is not None and observer.owns_socket_elsewhere(instance_id):
+            # A socket replaced by the agent's newer one on another process: the instance
+            # is connected there, only this process's gauge changes.
+            if instance_id in self._sockets:
+                self._sockets.discard(instance_id)
+                if self.metrics is not None:
+                    self.metrics.websocket_closed()
+            return
+        super().agent_disconnected(instance_id, now, wall)
+        if observer is not None:
+            observer.disconnected(instance_id)
+
+    def heartbeat(self, instance_id: str, *, status: str | None, active_sessions: int,
+                  max_concurrent_sessions: int | None, load: float | None, now: float,
+                  wall: float) -> str:
+        routing = super().heartbeat(
+            instance_id, status=status, active_sessions=active_sessions,
+            max_concurrent_sessions=max_concurrent_sessions, load=load, now=now, wall=wall)
+        if (observer := self._told()) is not None:
+            observer.heartbeat(instance_id, {"st": status, "as": active_sessions,
+                                             "mx": max_concurrent_sessions, "ld": load})
+        return routing
+
+    def finished(self, lease: Any, *, code: str | None, message: str | None, transport: str,
+                 seconds: float, now: float, wall: float, health: str | None = None) -> None:
+        if self.neutral and lease.lease_id in self.neutral:
+            self.neutral.discard(lease.lease_id)
+            health = "neutral"
+        super().finished(lease, code=code, message=message, transport=transport,
+                         seconds=seconds, now=now, wall=wall, health=health)
 
     def acquire(self, tenant_id: str, capability: str, *, agent_type: str | None = None,
                 instance_id: str | None = None, now: float, wall: float | None = None) -> Any:
@@ -117,6 +174,8 @@ class _Fleet(Fleet):
         removed = super().deregister(instance_id, reason=reason, now=now, wall=wall)
         if removed:
             self.gone.append(instance_id)
+            if (observer := self._told()) is not None:
+                observer.deregistered(instance_id, reason)
         return removed
 
 
@@ -133,10 +192,13 @@ class Outcome:
 class MeshParts:
     """The pure parts of one mesh, wired, and the adapter callbacks that read them."""
 
-    def __init__(self, registry: Registry, settings: MeshSettings) -> None:
+    def __init__(self, registry: Registry, settings: MeshSettings, *,
+                 events: EventBus | None = None) -> None:
         self.registry = registry
         self.settings = settings
-        self.events = EventBus()
+        self.events = events if events is not None else EventBus()
+        self.cluster: Any = None
+        """The process's `MeshCluster` when the mesh runs as several processes."""
         self.metrics = MeshMetrics()
         self.router = Router(settings.router)
         self.fleet = _Fleet(registry=registry, router=self.router, events=self.events,
@@ -407,7 +469,8 @@ def answer_outcome(dispatch_id: str, status: int, body: bytes) -> Outcome:
         document = None
     if status == 200 and isinstance(document, dict) and "result" in document:
         return Outcome(dispatch_id, result=document["result"])
-    code, message = "DISPATCH_FAILED", f"the hosted agent answered HTTP {status}"
+    code = "DISPATCH_FAILED"
+    message: str | None = f"the hosted agent answered HTTP {status}"
     if isinstance(document, dict) and isinstance(document.get("error"), dict):
         error = document["error"]
         if isinstance(error.get("code"), str) and error["code"]:
@@ -597,7 +660,14 @@ class _Serving:
         """After the ticker slept: the loop's lag, the fleet's timers; the next sleep."""
         fleet = self.parts.fleet
         self.parts.metrics.loop_lag(max(0.0, time.monotonic() - slept_from - delay))
-        fleet.tick(time.monotonic(), time.time())
+        events: Any = self.parts.events
+        if self.parts.cluster is not None:
+            # Every process runs the same timers on its mirror of every instance: each tells
+            # its own subscribers what they decide, and nobody else (no duplicates).
+            with events.local_only():  # a ClusterBus
+                fleet.tick(time.monotonic(), time.time())
+        else:
+            fleet.tick(time.monotonic(), time.time())
         _close_gone(self.parts, self.server)
         return self._next_sleep()
 
@@ -608,17 +678,7 @@ class _Serving:
         return min(1.0, max(0.0, deadline - time.monotonic()))
 
     def _sent(self, dispatch_id: str, result: Any, error: BaseException | None) -> Outcome:
-        """A socket dispatch's end, as an `Outcome`."""
-        if error is None:
-            return Outcome(dispatch_id, result=result)
-        if isinstance(error, DispatchError):
-            # The runtime's own refusal (no dispatch id: the socket went after routing) is
-            # AGENT_DISCONNECTED; an agent's AGENT_UNAVAILABLE (busy) keeps its code.
-            gone = error.code == "AGENT_UNAVAILABLE" and not error.dispatch_id
-            return Outcome(dispatch_id, code="AGENT_DISCONNECTED" if gone else error.code,
-                           message=error.message)
-        return Outcome(dispatch_id, code="AGENT_UNAVAILABLE",  # it asked to close meanwhile
-                       message="the agent is closing: try again")
+        return socket_outcome(dispatch_id, result, error)
 
     def _body_or_failure(self, dispatch: Dispatch, dispatch_id: str) -> bytes | Outcome:
         try:
@@ -627,6 +687,21 @@ class _Serving:
             log.warning("dispatch auth could not be minted for %s", dispatch.lease.instance_id)
             return Outcome(dispatch_id, code="AGENT_UNHEALTHY",
                            message="dispatch auth could not be minted")
+
+
+def socket_outcome(dispatch_id: str, result: Any, error: BaseException | None) -> Outcome:
+    """A socket dispatch's end, as an `Outcome` (also for one carried for another
+    mesh process)."""
+    if error is None:
+        return Outcome(dispatch_id, result=result)
+    if isinstance(error, DispatchError):
+        # The runtime's own refusal (no dispatch id: the socket went after routing) is
+        # AGENT_DISCONNECTED; an agent's AGENT_UNAVAILABLE (busy) keeps its code.
+        gone = error.code == "AGENT_UNAVAILABLE" and not error.dispatch_id
+        return Outcome(dispatch_id, code="AGENT_DISCONNECTED" if gone else error.code,
+                       message=error.message)
+    return Outcome(dispatch_id, code="AGENT_UNAVAILABLE",  # it asked to close meanwhile
+                   message="the agent is closing: try again")
 
 
 def _hosted_headers(on_chunk: Callable[[Any], object] | None) -> dict[str, str]:
@@ -681,7 +756,9 @@ class AsyncMesh(_Serving):
             elif type(step) is Probe:
                 value = await self._probe(step.card_url)
             else:
-                value = await self._stream(step.subscription, step.responder)
+                stream = cast(Stream, step)
+                await self._stream(stream.subscription, stream.responder)
+                value = None
 
     async def _ticker(self) -> None:
         """The fleet's one timer (missed heartbeats), and the event-loop lag it observes."""
@@ -693,10 +770,21 @@ class AsyncMesh(_Serving):
 
     async def perform(self, dispatch: Dispatch,
                       on_chunk: Callable[[Any], object] | None) -> Outcome:
-        """Carry one routed dispatch to its agent, over its socket or by HTTPS."""
+        """Carry one routed dispatch to its agent, over its socket or by HTTPS; with a
+        cluster, over the socket of whichever mesh process holds it."""
         dispatch_id = self.parts.ids.new_id()
         if dispatch.transport == "callback":
             return await self._post(dispatch, dispatch_id, on_chunk)
+        cluster = self.parts.cluster
+        if cluster is not None:
+            outcome: Outcome = await cluster.perform(
+                dispatch, dispatch_id, on_chunk,
+                lambda: self._send_here(dispatch, dispatch_id, on_chunk))
+            return outcome
+        return await self._send_here(dispatch, dispatch_id, on_chunk)
+
+    async def _send_here(self, dispatch: Dispatch, dispatch_id: str,
+                         on_chunk: Callable[[Any], object] | None) -> Outcome:
         try:
             result = await self.server.dispatch(
                 dispatch.lease.instance_id, dispatch.capability, dispatch.arguments,
@@ -832,7 +920,9 @@ class GeventMesh(_Serving):
             elif type(step) is Probe:
                 value = self._probe(step.card_url)
             else:
-                value = self._stream(step.subscription, step.responder)
+                stream = cast(Stream, step)
+                self._stream(stream.subscription, stream.responder)
+                value = None
 
     def _ticker(self) -> None:
         delay = self._next_sleep()
@@ -845,6 +935,16 @@ class GeventMesh(_Serving):
         dispatch_id = self.parts.ids.new_id()
         if dispatch.transport == "callback":
             return self._post(dispatch, dispatch_id, on_chunk)
+        cluster = self.parts.cluster
+        if cluster is not None:
+            outcome: Outcome = cluster.perform(
+                dispatch, dispatch_id, on_chunk,
+                lambda: self._send_here(dispatch, dispatch_id, on_chunk))
+            return outcome
+        return self._send_here(dispatch, dispatch_id, on_chunk)
+
+    def _send_here(self, dispatch: Dispatch, dispatch_id: str,
+                   on_chunk: Callable[[Any], object] | None) -> Outcome:
         try:
             result = self.server.dispatch(
                 dispatch.lease.instance_id, dispatch.capability, dispatch.arguments,

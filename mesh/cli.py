@@ -45,8 +45,16 @@ def _parser() -> argparse.ArgumentParser:
     mesh.add_argument("--port", type=int, default=8443)
     mesh.add_argument("--certfile", help="PEM certificate chain (default: a local CA's)")
     mesh.add_argument("--keyfile", help="PEM private key of --certfile")
-    mesh.add_argument("--db", default="svantic-mesh.db",
-                      help="SQLite file (or :memory:); secrets and the local CA live beside it")
+    mesh.add_argument("--db", "--database", dest="db", default="svantic-mesh.db",
+                      help="SQLite file (or :memory:), or a postgresql:// URL (several "
+                      "processes); secrets and the local CA live beside the file, or in --home")
+    mesh.add_argument("--home", help="folder for the secrets and the local CA (default: beside "
+                      "the SQLite file; the current folder for a URL)")
+    mesh.add_argument("--redis", metavar="URL",
+                      help="join the other mesh processes on this Redis (scale-out; the "
+                      "asyncio, anyio and gevent adapters; see docs/scale-out.md)")
+    mesh.add_argument("--cluster-prefix", default="svantic",
+                      help="prefix of the cluster's Redis keys (one per mesh)")
     mesh.add_argument("--client", action="append", type=_client_spec, default=[],
                       metavar="ID:SECRET:TENANT", help="an API client (repeatable)")
     mesh.add_argument("--policy", choices=("open", "allow-list", "audit"), default=None,
@@ -123,13 +131,18 @@ def _wants_gevent(argv: list[str]) -> bool:
 
 
 def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
+    if args.redis and args.adapter not in ("asyncio", "anyio", "gevent"):  # CLUSTER_ADAPTERS
+        print(f"svantic mesh: --redis needs the asyncio, anyio (on asyncio) or gevent adapter: "
+              f"a {args.adapter} mesh stays one process (see docs/scale-out.md)",
+              file=sys.stderr)
+        return 2
     if args.adapter == "gevent":
         from gevent import monkey
 
         monkey.patch_all()
     import ssl
 
-    from .registry import SqliteRegistry
+    from .registry import open_registry
     from .serve import (
         DEV_CLIENT,
         DEV_TENANT,
@@ -145,9 +158,22 @@ def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     if bool(args.certfile) != bool(args.keyfile):
         print("svantic mesh: --certfile and --keyfile go together", file=sys.stderr)
         return 2
-    home = MeshHome.for_db(args.db)
+    cluster = None
+    if args.redis:
+        from .cluster import ClusterSettings
+
+        cluster = ClusterSettings(redis_url=args.redis, prefix=args.cluster_prefix)
+    is_url = "://" in args.db
+    if is_url or args.home:
+        folder = Path(args.home or ".").expanduser().resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        home = MeshHome(":memory:" if is_url else args.db, folder)
+        db = args.db
+    else:
+        home = MeshHome.for_db(args.db)
+        db = home.db
     secrets = home.secrets()
-    registry = SqliteRegistry(home.db, secret_key=secrets["encryption_key"])
+    registry = open_registry(db, secret_key=secrets["encryption_key"])
     clients = list(args.client)
     if not clients:
         clients = [(DEV_CLIENT, secrets["dev_secret"], DEV_TENANT)]
@@ -170,10 +196,10 @@ def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     if args.trust_ca:
         hosted_verify = ssl.create_default_context(cafile=args.trust_ca)
 
-    def parts_factory(public_url: str) -> Any:
+    def parts_factory(public_url: str, events: Any = None) -> Any:
         return make_parts(registry, public_url, secrets,
                           dispatch_auth_enabled=not args.no_dispatch_auth,
-                          hosted_verify=hosted_verify)
+                          hosted_verify=hosted_verify, events=events)
 
     def ready(host: str, port: int) -> None:
         url = f"https://{host}:{port}"
@@ -183,7 +209,7 @@ def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     try:
         serve(adapter=args.adapter, parts_factory=parts_factory, host=args.host, port=args.port,
               ssl_context=context, grace=args.grace, ready=ready,
-              dispatch_auth_enabled=not args.no_dispatch_auth)
+              dispatch_auth_enabled=not args.no_dispatch_auth, cluster=cluster)
     except OSError as exc:
         print(f"svantic mesh: cannot listen on {args.host}:{args.port}: {exc.strerror}",
               file=sys.stderr)

@@ -302,12 +302,30 @@ class Fleet:
 
     # --- transport ------------------------------------------------------------------------
 
+    def learn(self, instance_id: str, now: float) -> bool:
+        """Route to an instance another mesh process registered (scale-out): its record is
+        read back, nothing is written and nothing published (that process did both). A
+        re-registration keeps what the router knows live. False when the record is gone."""
+        row = self.registry.get_instance(instance_id)
+        if row is None:
+            return False
+        known = instance_id in self.router
+        self._upsert(row, row.capabilities(), now)
+        if not known and row.deployment_mode == "connected":
+            self.router.disconnected(instance_id, now)
+        self.router.take_changes()
+        return True
+
     def agent_connected(
-        self, instance_id: str, *, capabilities: Sequence[str], now: float, wall: float
+        self, instance_id: str, *, capabilities: Sequence[str], now: float, wall: float,
+        remote: bool = False,
     ) -> bool:
         """A connected-mode instance's socket is ready (after its `welcome`). The hello's
         capabilities are added to the registered ones. False for an unknown instance (the
-        handshake should have refused it); ValueError for a hosted one."""
+        handshake should have refused it); ValueError for a hosted one.
+
+        `remote`: the socket is held by another mesh process (scale-out): routed to, but
+        not counted in this process's `svantic_open_websockets`."""
         row = self.registry.get_instance(instance_id)
         if row is None:
             return False
@@ -317,7 +335,9 @@ class Fleet:
         merged = declared + [c for c in dict.fromkeys(capabilities) if c not in declared]
         self._upsert(row, merged, now)
         self.router.connected(instance_id, now)
-        if instance_id not in self._sockets:
+        if remote:
+            self._sockets.discard(instance_id)
+        elif instance_id not in self._sockets:
             self._sockets.add(instance_id)
             if self.metrics is not None:
                 self.metrics.websocket_opened()
@@ -417,10 +437,14 @@ class Fleet:
         seconds: float,
         now: float,
         wall: float,
+        health: str | None = None,
     ) -> None:
         """A dispatch ended (code None: success). The lease goes back with its health
-        outcome, a failure is recorded on the instance, and the metrics count it."""
-        outcome = health_outcome(code)
+        outcome, a failure is recorded on the instance, and the metrics count it.
+
+        `health` overrides the outcome the code implies (`neutral`: a refusal that says
+        nothing about the agent, such as another mesh process holding its capacity)."""
+        outcome = health_outcome(code) if health is None else health
         text = (message or "")[:_MAX_ERROR_MESSAGE]
         self.router.release(lease, outcome=outcome, code=code, message=text, now=now, wall=wall)
         if outcome == "failed":

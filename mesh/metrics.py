@@ -54,6 +54,7 @@ _ROUTING_BUCKETS: Final = (
 )
 """A routing decision is an in-memory pick: microseconds, so the buckets start at 1 µs."""
 _LAG_BUCKETS: Final = (1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5, 1.0, 5.0)
+_HOP_BUCKETS: Final = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 5e-2, 0.1, 0.5)
 
 
 def outcome_label(code: str | None) -> str:
@@ -110,6 +111,12 @@ class MeshMetrics:
             "svantic_tool_calls_total", "Agent tool calls that ended, by outcome.",
             ("outcome",), registry=r,
         )
+        self._hop_latency = Histogram(
+            "svantic_interprocess_routing_seconds",
+            "Scale-out: what carrying a dispatch to the mesh process holding the agent's "
+            "socket and its outcome back adds, beyond that process's own time.",
+            buckets=_HOP_BUCKETS, registry=r,
+        )
         # The labelled children by label values: `.labels()` checks and looks them up under
         # a lock on every call, and a dispatch ends thousands of times a second. The keys
         # are label values, a small fixed set (see the module doc), so these stay small.
@@ -158,6 +165,10 @@ class MeshMetrics:
 
     def orphan_terminal(self) -> None:
         self._orphans.inc()
+
+    def interprocess_hop(self, seconds: float) -> None:
+        """One dispatch carried to another mesh process and back (scale-out)."""
+        self._hop_latency.observe(max(0.0, seconds))
 
     def tool_call(self, outcome: str | None) -> None:
         """One tool call answered: None or "ok" on success, else its error code."""

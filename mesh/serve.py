@@ -11,6 +11,7 @@ HTTP answers finish, and the registry is closed.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -25,8 +26,8 @@ from typing import Any
 
 from svantic_proto import Config
 
-from .app import AsyncMesh, GeventMesh, MeshParts, MeshSettings
-from .registry import SqliteRegistry
+from .app import AsyncMesh, GeventMesh, MeshParts, MeshSettings, socket_outcome
+from .registry import Registry
 
 __all__ = ["ENV_ENCRYPTION_KEY", "ENV_SIGNING_SECRET", "ENV_TOKEN_SECRET", "MeshHome", "serve"]
 
@@ -141,7 +142,7 @@ def server_context(certfile: str | os.PathLike[str], keyfile: str | os.PathLike[
 
 @dataclass
 class _Run:
-    parts_factory: Callable[[str], MeshParts]
+    parts_factory: Callable[..., MeshParts]
     host: str
     port: int
     ssl_context: ssl.SSLContext
@@ -150,17 +151,30 @@ class _Run:
     ready: Callable[[str, int], None]
     stop: Any
     dispatch_auth_enabled: bool
+    cluster: Any = None
 
 
-def serve(*, adapter: str, parts_factory: Callable[[str], MeshParts], host: str, port: int,
+CLUSTER_ADAPTERS = ("asyncio", "anyio", "gevent")
+"""The adapters a mesh process can join a cluster on (`--redis`): asyncio's event loop, where
+`redis.asyncio` runs, and gevent, where redis-py's blocking client runs on patched sockets
+(see docs/scale-out.md for trio)."""
+
+
+def serve(*, adapter: str, parts_factory: Callable[..., MeshParts], host: str, port: int,
           ssl_context: ssl.SSLContext, config: Config | None = None, grace: float = 10.0,
           ready: Callable[[str, int], None], stop: Any = None,
-          dispatch_auth_enabled: bool = True) -> None:
+          dispatch_auth_enabled: bool = True, cluster: Any = None) -> None:
     """Run one mesh on `adapter` until Ctrl-C / SIGTERM (or `stop`), then drain.
 
-    `parts_factory(public_url)` makes the mesh's parts once the port is known."""
+    `parts_factory(public_url)` makes the mesh's parts once the port is known. With
+    `cluster` (a `mesh.cluster.ClusterSettings`) the process joins the other mesh processes
+    on that Redis, and `parts_factory(public_url, events=bus)` is given the cluster's
+    event bus; only the asyncio-based adapters can (`CLUSTER_ADAPTERS`)."""
+    if cluster is not None and adapter not in CLUSTER_ADAPTERS:
+        raise ValueError(f"a {adapter} mesh cannot join a cluster: use one of "
+                         f"{', '.join(CLUSTER_ADAPTERS)}")
     run = _Run(parts_factory, host, port, ssl_context, config, grace, ready, stop,
-               dispatch_auth_enabled)
+               dispatch_auth_enabled, cluster)
     if adapter == "gevent":
         _serve_gevent(run)
         return
@@ -211,14 +225,29 @@ async def _serve_async(module_name: str, run: _Run) -> None:
 
     module = importlib.import_module(f"svantic_adapters.{module_name}")
     late = _Late()
-    server = module.MeshServer(**late.server_options(run, is_async=True))
+    options = late.server_options(run, is_async=True)
+    cluster: Any = contextlib.nullcontext()
+    if run.cluster is not None:
+        from .cluster import ClusterBus, ClusterResumeStore, MeshCluster
+
+        store = ClusterResumeStore(window=(run.config or Config()).resume_window)
+        options["resume_store"] = store
+        cluster = MeshCluster(run.cluster, store)
+    server = module.MeshServer(**options)
     async with server:
         host, port = await server.start(run.host, run.port)
-        parts = late.parts = run.parts_factory(_public_url(host, port))
+        if run.cluster is not None:
+            parts = run.parts_factory(_public_url(host, port), events=ClusterBus())
+        else:
+            parts = run.parts_factory(_public_url(host, port))
+        late.parts = parts
         mesh = AsyncMesh(parts)
         mesh.attach(server)
         late.app = mesh.http_app
-        async with mesh:
+        if run.cluster is not None:
+            cluster.bind(parts, server, socket_outcome)
+            parts.cluster = cluster
+        async with mesh, cluster:
             run.ready(host, port)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async with anyio.create_task_group() as group:
@@ -248,13 +277,29 @@ def _serve_gevent(run: _Run) -> None:
     from svantic_adapters import gevent as adapter
 
     late = _Late()
-    server = adapter.MeshServer(**late.server_options(run, is_async=False))
+    options = late.server_options(run, is_async=False)
+    cluster: Any = None
+    if run.cluster is not None:
+        from .cluster import ClusterBus, ClusterResumeStore, MeshCluster
+
+        store = ClusterResumeStore(window=(run.config or Config()).resume_window)
+        options["resume_store"] = store
+        cluster = MeshCluster(run.cluster, store, gevent=True)
+    server = adapter.MeshServer(**options)
     host, port = server.start(run.host, run.port)
-    parts = late.parts = run.parts_factory(_public_url(host, port))
+    if cluster is not None:
+        parts = run.parts_factory(_public_url(host, port), events=ClusterBus())
+    else:
+        parts = run.parts_factory(_public_url(host, port))
+    late.parts = parts
     mesh = GeventMesh(parts)
     late.app = mesh.http_app
     mesh.attach(server)
     mesh.start()
+    if cluster is not None:
+        cluster.bind(parts, server, socket_outcome)
+        parts.cluster = cluster
+        cluster.start()
     done = run.stop if run.stop is not None else gevent.event.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, done.set)
@@ -263,6 +308,8 @@ def _serve_gevent(run: _Run) -> None:
     log.info("draining (grace %s s)", run.grace)
     mesh.end_streams()
     server.close(run.grace)
+    if cluster is not None:
+        cluster.stop()
     mesh.stop()
     parts.registry.close()
     log.info("svantic mesh stopped")
@@ -275,10 +322,11 @@ def _public_url(host: str, port: int) -> str:
     return f"https://{shown}:{port}"
 
 
-def make_parts(registry: SqliteRegistry, public_url: str, home_secrets: dict[str, Any], *,
+def make_parts(registry: Registry, public_url: str, home_secrets: dict[str, Any], *,
                dispatch_auth_enabled: bool = True, hosted_verify: ssl.SSLContext | bool = True,
-               **settings: Any) -> MeshParts:
+               events: Any = None, **settings: Any) -> MeshParts:
     return MeshParts(registry, MeshSettings(
         public_url=public_url, token_secret=home_secrets["token_secret"],
         signing_secret=home_secrets["signing_secret"],
-        dispatch_auth_enabled=dispatch_auth_enabled, hosted_verify=hosted_verify, **settings))
+        dispatch_auth_enabled=dispatch_auth_enabled, hosted_verify=hosted_verify, **settings),
+        events=events)

@@ -189,6 +189,8 @@ class _Pending:
     on_chunk: Callable[[Any], object] | None
     next_seq: int = 0
     """Chunks below this were delivered already: a resumed connection may send them again."""
+    raw: bool = False
+    """`on_chunk` gets `(seq, data)`: a relay that passes chunks on with their numbers."""
 
 
 @dataclass(slots=True)
@@ -775,6 +777,35 @@ class MeshRuntime(Generic[L]):
         """The caller gave up: its waiter is told nothing more."""
         self._waiters.pop(dispatch_id, None)
 
+    # -- dispatches between mesh processes (scale-out) --------------------------------------------
+
+    def adopt(self, dispatch_id: str, waiter: Waiter,
+              on_chunk: Callable[[tuple[int, Any]], object] | None = None) -> None:
+        """Wait here for a dispatch this runtime did not send: one held by another mesh
+        process and re-sent by a connection here that resumed with that process's token
+        (spec 5). Its outcome goes to `waiter` as for `dispatch`; its chunks to `on_chunk`
+        as `(seq, data)`, so the process whose caller waits can drop what it already had."""
+        self._waiters[dispatch_id] = _Pending(waiter, on_chunk, raw=True)
+
+    def deliver_chunk(self, dispatch_id: str, seq: int, data: Any) -> None:
+        """A chunk of a dispatch this runtime waits for, received by another mesh process
+        (its agent resumed there): to `on_chunk` in `seq` order, once each."""
+        self._outcome(ChunkReceived(dispatch_id=dispatch_id, seq=seq, data=data))
+
+    def settle(self, dispatch_id: str, *, result: Any = None,
+               error: tuple[str, str] | None = None) -> bool:
+        """The outcome of a dispatch this runtime waits for, decided by another mesh process
+        (its agent resumed there): `result`, or `error` as `(code, message)`, to the waiter,
+        once. False when nobody waits (it ended here already, or was never sent here)."""
+        if dispatch_id not in self._waiters:
+            return False
+        if error is None:
+            self._outcome(DispatchCompleted(dispatch_id=dispatch_id, result=result))
+        else:
+            self._outcome(DispatchFailed(dispatch_id=dispatch_id, code=error[0],
+                                         message=error[1]))
+        return True
+
     def _outcome(self, event: ChunkReceived | DispatchCompleted | DispatchFailed
                  | DispatchTimedOut) -> None:
         if isinstance(event, ChunkReceived):
@@ -784,7 +815,7 @@ class MeshRuntime(Generic[L]):
             pending.next_seq = event.seq + 1
             if pending.on_chunk is not None:
                 try:
-                    pending.on_chunk(event.data)
+                    pending.on_chunk((event.seq, event.data) if pending.raw else event.data)
                 except Exception:  # the application's callback must not take the mesh down
                     self._log.exception("on_chunk failed for dispatch %s", event.dispatch_id)
             return

@@ -1,9 +1,11 @@
 """The mesh's resume store (spec section 5): dispatches held for a disconnected agent.
 
-One store per mesh process, shared by its `MeshConnection`s: resume is
-process-local by design (a reconnect that lands elsewhere starts clean). It is
-plain data with monotonic deadlines, so the adapter drives it like a
-connection: `next_deadline()`, then `expire(now)` to collect what failed.
+One store per mesh process, shared by its `MeshConnection`s. On its own, resume is
+process-local (a reconnect that lands elsewhere starts clean); the reference mesh's
+scale-out subclasses it to honour tokens issued by other processes (`owns`, `tokens`
+and `revoke` are what it needs). It is plain data with monotonic deadlines, so the
+adapter drives it like a connection: `next_deadline()`, then `expire(now)` to collect
+what failed.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ class _Entry:
     tenant_id: str
     expires_at: float | None = None  # None while the connection that got the token is up
     held: dict[str, HeldDispatch] = field(default_factory=dict)
+    handed: bool = False  # claimed on another mesh process: kept only for its deadlines
 
 
 class ResumeStore:
@@ -116,6 +119,7 @@ class ResumeStore:
             and entry.tenant_id == tenant_id
             and entry.expires_at is not None
             and now < entry.expires_at
+            and not entry.handed
         ):
             del self._entries[token]  # type: ignore[arg-type]  # single use
             self._by_instance.pop(key, None)
@@ -127,6 +131,67 @@ class ResumeStore:
         own_token = self._by_instance.pop(key, None)
         own = self._entries.pop(own_token, None) if own_token is not None else None
         return ResumeClaim(False, (), tuple(own.held.values()) if own is not None else ())
+
+    def owns(self, token: str) -> bool:
+        """Whether `token` was issued by this store and is still live here."""
+        return token in self._entries
+
+    def tokens(self) -> list[tuple[str, str, str]]:
+        """`(token, instance_id, tenant_id)` of every live token, for a store shared
+        between mesh processes to announce again (scale-out)."""
+        return [(token, e.instance_id, e.tenant_id) for token, e in self._entries.items()]
+
+    def revoke(self, token: str, now: float) -> None:
+        """The token was claimed elsewhere (another mesh process): what it holds fails at
+        the next `expire(now)`, and it resumes nothing here. No-op for an unknown token."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return
+        if entry.expires_at is None:  # its connection is up: `hold` will fail what it had
+            del self._entries[token]
+            if self._by_instance.get((entry.instance_id, entry.tenant_id)) == token:
+                del self._by_instance[(entry.instance_id, entry.tenant_id)]
+            return
+        entry.expires_at = now
+        heapq.heappush(self._heap, (now, token, ""))
+
+    def hand_over(self, token: str, kept: Iterable[str], now: float) -> None:
+        """The token was claimed on another mesh process, which re-sent the held dispatches
+        named in `kept`: their outcomes will come from there (`settle`), so they stay here
+        only until their own deadlines, when they fail as usual; the rest fail at the next
+        `expire(now)`. The token resumes nothing here any more. A token whose connection is
+        still up is revoked (`revoke`): that process had nothing held to re-send."""
+        entry = self._entries.get(token)
+        if entry is None or entry.handed:
+            return
+        if entry.expires_at is None:
+            self.revoke(token, now)
+            return
+        entry.handed = True
+        if self._by_instance.get((entry.instance_id, entry.tenant_id)) == token:
+            del self._by_instance[(entry.instance_id, entry.tenant_id)]
+        keep = set(kept)
+        latest = now
+        for dispatch_id, held in list(entry.held.items()):
+            deadline = held.deadline_at
+            if dispatch_id not in keep:
+                deadline = now
+                entry.held[dispatch_id] = HeldDispatch(held.payload, now)
+            latest = max(latest, deadline)
+            heapq.heappush(self._heap, (deadline, token, dispatch_id))
+        entry.expires_at = latest
+        heapq.heappush(self._heap, (latest, token, ""))
+
+    def settle(self, token: str, dispatch_id: str) -> HeldDispatch | None:
+        """A held dispatch ended on the process it was handed over to: forget it (it fails
+        no more). Returns it, or None when it is not held here (it failed already)."""
+        entry = self._entries.get(token)
+        if entry is None:
+            return None
+        held = entry.held.pop(dispatch_id, None)
+        if held is not None and entry.handed and not entry.held:
+            del self._entries[token]
+        return held
 
     def next_deadline(self) -> float | None:
         while self._heap and not self._live(self._heap[0]):
@@ -146,7 +211,9 @@ class ResumeStore:
                 failed.append(entry.held.pop(dispatch_id))
             else:  # the window closed: the token and everything under it are gone
                 del self._entries[token]
-                self._by_instance.pop((entry.instance_id, entry.tenant_id), None)
+                key = (entry.instance_id, entry.tenant_id)
+                if self._by_instance.get(key) == token:
+                    del self._by_instance[key]
                 failed.extend(entry.held.values())
         return failed
 

@@ -471,3 +471,43 @@ def test_tool_call_routing_errors_and_tenants() -> None:
     assert (a.depth, b.depth) == (1, 1)
     assert a.lease.instance_id == "loop-1" and b.lease.instance_id == "far-1"
     assert m.fleet.tool_chains == 2
+
+
+# --- scale-out: what another mesh process did -------------------------------------------------
+
+
+def test_learn_routes_to_an_instance_another_process_registered() -> None:
+    other = make()
+    register(other, row("nav-1"))
+    m = make(registry=other.registry)  # the same database, another process's fleet
+    m.events()
+    assert m.fleet.learn("nav-1", now=1)
+    state = m.router.get("nav-1")
+    assert state is not None and not state.connected  # its socket is wherever it is
+    assert m.events() == []  # the process that registered it told its subscribers
+    assert not m.fleet.learn("gone", now=1)
+
+
+def test_a_socket_held_elsewhere_routes_without_counting_here() -> None:
+    m = make()
+    register(m, row("nav-1"))
+    m.events()
+    assert m.fleet.agent_connected("nav-1", capabilities=[], now=1, wall=WALL, remote=True)
+    assert metric(m, "svantic_open_websockets") == 0
+    assert m.fleet.acquire("t1", "get_ticket", now=2).instance_id == "nav-1"
+    m.fleet.agent_disconnected("nav-1", now=3, wall=WALL + 3)
+    assert metric(m, "svantic_open_websockets") == 0
+
+
+def test_a_refusal_given_back_neutral_leaves_health_alone() -> None:
+    m = make(RouterConfig(unhealthy_after_failures=1, deregister_after_failures=5))
+    register(m, row("nav-1"))
+    m.fleet.agent_connected("nav-1", capabilities=[], now=1, wall=WALL)
+    lease = m.fleet.acquire("t1", "get_ticket", now=2)
+    m.fleet.finished(lease, code="AGENT_UNAVAILABLE", message="at capacity", transport="ws",
+                     seconds=0.001, now=3, wall=WALL, health="neutral")
+    state = m.router.get("nav-1")
+    assert state is not None and state.routing_status != "unhealthy"
+    assert state.consecutive_failures == 0 and active(m, "nav-1") == 0
+    stored = m.registry.get_instance("nav-1")
+    assert stored is not None and stored.last_dispatch_error is None
