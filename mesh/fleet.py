@@ -225,23 +225,9 @@ class Fleet:
                 routing_status=state.routing_status,
                 connection_status=state.connection_status,
             )
-        if not created:
-            old = self.registry.get_instance(row.instance_id)
-            if old is not None:
-                record = dataclasses.replace(
-                    record,
-                    last_heartbeat_at=(
-                        record.last_heartbeat_at
-                        if record.last_heartbeat_at is not None
-                        else old.last_heartbeat_at
-                    ),
-                    last_dispatch_error=(
-                        record.last_dispatch_error
-                        if record.last_dispatch_error is not None
-                        else old.last_dispatch_error
-                    ),
-                )
-        self.registry.put_instance(record, secret=secret)
+        # The merge with what is stored happens inside the upsert (`keep_observed`), so a
+        # heartbeat another mesh process wrote meanwhile is not undone.
+        self.registry.put_instance(record, secret=secret, keep_observed=not created)
         self._upsert(record, record.capabilities(), now)
         log.info(
             "%s instance %s (tenant %s, type %s, %s)",
