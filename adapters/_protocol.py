@@ -368,10 +368,11 @@ def dial(agent: Any, dial: Dial, link_class: Callable[..., LinkT]) -> Dialling:
     return dialling
 
 
-async def listen(server: Any, link_class: Callable[..., ProtocolLink], host: str,
-                 port: int) -> tuple[asyncio.Server, tuple[str, int]]:
+async def listen(server: Any, link_class: Callable[..., ProtocolLink], host: str, port: int,
+                 *, reuse_port: bool = False) -> tuple[asyncio.Server, tuple[str, int]]:
     """Listen on plain TCP (a large backlog, for reconnect storms) for a `MeshDriver`;
-    TLS is each link's."""
+    TLS is each link's. `reuse_port` sets SO_REUSEPORT, so several processes can listen on
+    one port and the kernel spreads the new connections among them."""
 
     def opened(link: ProtocolLink, error: BaseException | None) -> None:
         if error is None:  # a failed TLS handshake never reaches the core
@@ -382,7 +383,7 @@ async def listen(server: Any, link_class: Callable[..., ProtocolLink], host: str
         return link_class(tls, server.config, opened, server._closed, server._accepted)
 
     listener = await asyncio.get_running_loop().create_server(
-        new_link, host, port, backlog=server.backlog)
+        new_link, host, port, backlog=server.backlog, reuse_port=reuse_port)
     address = listener.sockets[0].getsockname()
     return listener, (address[0], address[1])
 

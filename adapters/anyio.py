@@ -333,8 +333,12 @@ class MeshServer(TaskTimer, MeshDriver[AnyLink]):
         finally:
             await self._exit_group()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *,
+                    reuse_port: bool = False) -> tuple[str, int]:
+        """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's.
+
+        `reuse_port=True` (SO_REUSEPORT) lets several mesh processes listen on one port, the
+        kernel spreading new connections among them (`svantic mesh --workers`)."""
         if self._started:
             raise LocalProtocolError("a MeshServer starts once")
         self._native, backend = _backend()
@@ -342,10 +346,11 @@ class MeshServer(TaskTimer, MeshDriver[AnyLink]):
         self._arrived, self._shut = backend.create_event(), backend.create_event()
         self._accepting = backend.create_cancel_scope()
         if self._native:
-            self._server, address = await _protocol.listen(self, ProtocolLink, host, port)
+            self._server, address = await _protocol.listen(self, ProtocolLink, host, port,
+                                                           reuse_port=reuse_port)
         else:
             tcp = await anyio.create_tcp_listener(local_host=host, local_port=port,
-                                                  backlog=self.backlog)
+                                                  backlog=self.backlog, reuse_port=reuse_port)
             address = cast(tuple[str, int], tcp.extra(SocketAttribute.local_address)[:2])
         group = self._group or await self._open_group()
         self._started = True

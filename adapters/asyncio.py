@@ -193,10 +193,15 @@ class MeshServer(LoopTimer, AsyncioMeshApi, MeshDriver[ProtocolLink]):
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
-        """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's."""
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *,
+                    reuse_port: bool = False) -> tuple[str, int]:
+        """Listen on plain TCP (a large backlog, for reconnect storms); TLS is each link's.
+
+        `reuse_port=True` (SO_REUSEPORT) lets several mesh processes listen on one port, the
+        kernel spreading new connections among them (`svantic mesh --workers`)."""
         self._clock = asyncio.get_running_loop().time
-        self._server, address = await listen(self, ProtocolLink, host, port)
+        self._server, address = await listen(self, ProtocolLink, host, port,
+                                             reuse_port=reuse_port)
         return address
 
     async def close(self, grace: float | None = None) -> None:

@@ -128,6 +128,23 @@ def _close(sock: Any) -> None:
         sock.close()
 
 
+def _reuse_port_listener(host: str, port: int, backlog: int) -> Any:
+    """A listening gevent socket with SO_REUSEPORT set before the bind (the option only
+    shares a port between sockets that all set it before binding)."""
+    infos = gevent.socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = gevent.socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+        sock.listen(backlog)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 class _Timer:
     """One timer at a monotonic deadline in the calling thread's hub; the callback runs in a
     fresh greenlet."""
@@ -540,13 +557,20 @@ class MeshServer(MeshDriver[_Link]):
 
     # -- transports ------------------------------------------------------------------------
 
-    def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[str, int]:
+    def start(self, host: str = "127.0.0.1", port: int = 0, *,
+              reuse_port: bool = False) -> tuple[str, int]:
         """Listen (large backlog, for reconnect storms) and accept in this thread's hub.
 
         Every connection is accepted: handshakes are bounded by `max_handshakes` (the
-        oldest go) and `Config.hello_timeout`, sessions by `max_connections` (503)."""
+        oldest go) and `Config.hello_timeout`, sessions by `max_connections` (503).
+        `reuse_port=True` (SO_REUSEPORT, set before the bind) lets several mesh processes
+        listen on one port, the kernel spreading new connections among them."""
         self._hub = gevent.get_hub()
-        self._server = StreamServer((host, port), self._serve, backlog=self.backlog)
+        if reuse_port:
+            self._server = StreamServer(_reuse_port_listener(host, port, self.backlog),
+                                        self._serve)
+        else:
+            self._server = StreamServer((host, port), self._serve, backlog=self.backlog)
         self._server.start()
         address = self._server.socket.getsockname()
         return address[0], address[1]

@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
                       "asyncio, anyio and gevent adapters; see docs/scale-out.md)")
     mesh.add_argument("--cluster-prefix", default="svantic",
                       help="prefix of the cluster's Redis keys (one per mesh)")
+    mesh.add_argument("--workers", type=int, default=1, metavar="N",
+                      help="N mesh processes on one --port (SO_REUSEPORT, Linux), joined "
+                      "on --redis; stopping this one stops them all")
+    mesh.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     mesh.add_argument("--client", action="append", type=_client_spec, default=[],
                       metavar="ID:SECRET:TENANT", help="an API client (repeatable)")
     mesh.add_argument("--policy", choices=("open", "allow-list", "audit"), default=None,
@@ -130,11 +134,31 @@ def _wants_gevent(argv: list[str]) -> bool:
     return False
 
 
+def _workers_refused(args: argparse.Namespace) -> str | None:
+    """Why `--workers` cannot run as given (before anything is made), or None."""
+    if args.workers < 1:
+        return "--workers must be 1 or more"
+    if args.workers == 1:
+        return None
+    if not args.redis:
+        return ("--workers N needs --redis URL: the workers share their agents and "
+                "dispatches through it (see docs/scale-out.md)")
+    if args.port == 0:
+        return "--workers needs a known --port (not 0): every worker listens on that one port"
+    if args.db == ":memory:":
+        return "--workers needs a database file or URL (not :memory:): the workers share it"
+    return None
+
+
 def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
     if args.redis and args.adapter not in ("asyncio", "anyio", "gevent"):  # CLUSTER_ADAPTERS
         print(f"svantic mesh: --redis needs the asyncio, anyio (on asyncio) or gevent adapter: "
               f"a {args.adapter} mesh stays one process (see docs/scale-out.md)",
               file=sys.stderr)
+        return 2
+    refused = _workers_refused(args)
+    if refused is not None:
+        print(f"svantic mesh: {refused}", file=sys.stderr)
         return 2
     if args.adapter == "gevent":
         from gevent import monkey
@@ -153,8 +177,11 @@ def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
         server_context,
     )
 
+    tag = ""
+    if args.worker is not None or args.workers > 1:
+        tag = f" [worker {args.worker or 1}]"
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s")
     if bool(args.certfile) != bool(args.keyfile):
         print("svantic mesh: --certfile and --keyfile go together", file=sys.stderr)
         return 2
@@ -201,22 +228,156 @@ def mesh(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:
                           dispatch_auth_enabled=not args.no_dispatch_auth,
                           hosted_verify=hosted_verify, events=events)
 
-    def ready(host: str, port: int) -> None:
+    def announce(host: str, port: int) -> None:
         url = f"https://{host}:{port}"
         out(f"svantic mesh listening on {url} (dashboard: {url}/dashboard)")
         sys.stdout.flush()
 
+    # Every file beside the database exists by now (secrets, CA, the database itself): the
+    # workers only read them, so starting them here, not earlier, is what keeps this race-free.
+    pool = _Workers(args, out) if args.workers > 1 else None
+    ready: Callable[[str, int], None] = announce if pool is None else pool.ready(announce)
     try:
+        if pool is not None:
+            pool.start()
         serve(adapter=args.adapter, parts_factory=parts_factory, host=args.host, port=args.port,
               ssl_context=context, grace=args.grace, ready=ready,
-              dispatch_auth_enabled=not args.no_dispatch_auth, cluster=cluster)
+              dispatch_auth_enabled=not args.no_dispatch_auth, cluster=cluster,
+              reuse_port=args.workers > 1 or args.worker is not None,
+              parent_fd=sys.stdin.fileno() if args.worker is not None else None,
+              draining=pool.terminate if pool is not None else None)
     except OSError as exc:
         print(f"svantic mesh: cannot listen on {args.host}:{args.port}: {exc.strerror}",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 0
+    finally:
+        if pool is not None:
+            pool.stop()
+    return 1 if pool is not None and pool.failed else 0
+
+
+class _Workers:
+    """The other `svantic mesh --workers` processes, started and stopped by this one.
+
+    Each worker runs this command again with the same flags on the same port (all with
+    SO_REUSEPORT) and `--worker I`, in a process group of its own (a Ctrl-C at the terminal
+    reaches this process alone, which then stops every worker once, with SIGTERM). Its stdin
+    is a pipe from this process: it drains and exits at that pipe's end-of-file, which comes
+    however this process ends, SIGKILL included, so no worker is orphaned. Its stdout is read
+    here for its ready line; its log goes to this process's stderr, tagged `[worker I]`."""
+
+    START_TIMEOUT = 60.0
+    """Seconds the workers get to be listening (and joined on Redis) before the mesh gives up."""
+
+    def __init__(self, args: argparse.Namespace, out: Callable[[str], None]) -> None:
+        import threading
+
+        self.args = args
+        self.out = out
+        self.procs: dict[int, Any] = {}
+        self.listening: dict[int, threading.Event] = {}
+        self.failed = False
+        self._stopping = threading.Event()
+        self._log = logging.getLogger("svantic.mesh.workers")
+
+    def argv(self, index: int) -> list[str]:
+        args = self.args
+        argv = [sys.executable, "-m", "svantic_mesh.cli", "mesh", "--host", args.host,
+                "--port", str(args.port), "--db", args.db, "--redis", args.redis,
+                "--cluster-prefix", args.cluster_prefix, "--adapter", args.adapter,
+                "--grace", repr(args.grace), "--worker", str(index)]
+        for flag, value in (("--home", args.home), ("--certfile", args.certfile),
+                            ("--keyfile", args.keyfile), ("--policy", args.policy),
+                            ("--trust-ca", args.trust_ca)):
+            if value is not None:
+                argv += [flag, value]
+        for client in args.client:
+            argv += ["--client", ":".join(client)]
+        if args.no_dispatch_auth:
+            argv.append("--no-dispatch-auth")
+        return argv
+
+    def start(self) -> None:
+        import subprocess
+        import threading
+
+        for index in range(2, self.args.workers + 1):
+            proc = subprocess.Popen(self.argv(index), stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, text=True, process_group=0)
+            self.procs[index] = proc
+            self.listening[index] = threading.Event()
+            self._log.info("worker %d started (pid %d)", index, proc.pid)
+            threading.Thread(target=self._watch, args=(index, proc), daemon=True,
+                             name=f"svantic-worker-{index}").start()
+
+    def _watch(self, index: int, proc: Any) -> None:
+        """Read the worker's stdout (its ready line, then to the end), then its exit."""
+        for line in proc.stdout:
+            if line.startswith("svantic mesh listening on "):
+                self.listening[index].set()
+        code = proc.wait()
+        if self._stopping.is_set():
+            self._log.info("worker %d stopped (exit code %s)", index, code)
+        else:
+            self._log.warning("worker %d exited on its own (exit code %s): the others go on",
+                              index, code)
+
+    def ready(self, announce: Callable[[str, int], None]) -> Callable[[str, int], None]:
+        """The `ready` of this process: the ready line once every worker listens too."""
+        import threading
+
+        def wait_all(host: str, port: int) -> None:
+            import time
+
+            deadline = time.monotonic() + self.START_TIMEOUT
+            for index, proc in self.procs.items():
+                while not self.listening[index].wait(0.1):
+                    if self._stopping.is_set():
+                        return
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        self._log.error("worker %d did not start listening: stopping the mesh",
+                                        index)
+                        self.failed = True
+                        import signal
+
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        return
+            self._log.info("all %d workers listening on port %d", self.args.workers, port)
+            announce(host, port)
+
+        def ready(host: str, port: int) -> None:
+            threading.Thread(target=wait_all, args=(host, port), daemon=True,
+                             name="svantic-workers-ready").start()
+
+        return ready
+
+    def terminate(self) -> None:
+        """Begin every worker's drain (once): SIGTERM, as a service manager would."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        import signal
+
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def stop(self) -> None:
+        """Stop every worker and wait for it: its grace, then a bound, then SIGKILL."""
+        import subprocess
+
+        self.terminate()
+        for index, proc in self.procs.items():
+            try:
+                proc.wait(self.args.grace + 10.0)
+            except subprocess.TimeoutExpired:
+                self._log.warning("worker %d did not stop in time: killed", index)
+                proc.kill()
+                proc.wait(10.0)
+            if proc.stdin is not None:
+                proc.stdin.close()
 
 
 def call(args: argparse.Namespace, out: Callable[[str], None] = print) -> int:

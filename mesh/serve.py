@@ -14,6 +14,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -152,6 +153,9 @@ class _Run:
     stop: Any
     dispatch_auth_enabled: bool
     cluster: Any = None
+    reuse_port: bool = False
+    parent_fd: int | None = None
+    draining: Callable[[], None] | None = None
 
 
 CLUSTER_ADAPTERS = ("asyncio", "anyio", "gevent")
@@ -163,18 +167,25 @@ CLUSTER_ADAPTERS = ("asyncio", "anyio", "gevent")
 def serve(*, adapter: str, parts_factory: Callable[..., MeshParts], host: str, port: int,
           ssl_context: ssl.SSLContext, config: Config | None = None, grace: float = 10.0,
           ready: Callable[[str, int], None], stop: Any = None,
-          dispatch_auth_enabled: bool = True, cluster: Any = None) -> None:
+          dispatch_auth_enabled: bool = True, cluster: Any = None, reuse_port: bool = False,
+          parent_fd: int | None = None, draining: Callable[[], None] | None = None) -> None:
     """Run one mesh on `adapter` until Ctrl-C / SIGTERM (or `stop`), then drain.
 
     `parts_factory(public_url)` makes the mesh's parts once the port is known. With
     `cluster` (a `mesh.cluster.ClusterSettings`) the process joins the other mesh processes
     on that Redis, and `parts_factory(public_url, events=bus)` is given the cluster's
-    event bus; only the asyncio-based adapters can (`CLUSTER_ADAPTERS`)."""
+    event bus; only the asyncio-based adapters can (`CLUSTER_ADAPTERS`).
+
+    The `svantic mesh --workers` options: `reuse_port` listens with SO_REUSEPORT, so the
+    workers share one port; `parent_fd` is a pipe whose end-of-file (the parent process
+    exited, however it died) drains this one too, so no worker outlives its parent;
+    `draining()` is called once the drain begins, whatever began it (the parent stops its
+    workers then, in parallel with its own drain)."""
     if cluster is not None and adapter not in CLUSTER_ADAPTERS:
         raise ValueError(f"a {adapter} mesh cannot join a cluster: use one of "
                          f"{', '.join(CLUSTER_ADAPTERS)}")
     run = _Run(parts_factory, host, port, ssl_context, config, grace, ready, stop,
-               dispatch_auth_enabled, cluster)
+               dispatch_auth_enabled, cluster, reuse_port, parent_fd, draining)
     if adapter == "gevent":
         _serve_gevent(run)
         return
@@ -235,7 +246,7 @@ async def _serve_async(module_name: str, run: _Run) -> None:
         cluster = MeshCluster(run.cluster, store)
     server = module.MeshServer(**options)
     async with server:
-        host, port = await server.start(run.host, run.port)
+        host, port = await server.start(run.host, run.port, reuse_port=run.reuse_port)
         if run.cluster is not None:
             parts = run.parts_factory(_public_url(host, port), events=ClusterBus())
         else:
@@ -248,8 +259,10 @@ async def _serve_async(module_name: str, run: _Run) -> None:
             cluster.bind(parts, server, socket_outcome)
             parts.cluster = cluster
         async with mesh, cluster:
-            run.ready(host, port)
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                # Ready only once a signal drains: whoever saw the ready line (a parent
+                # process, a service manager) may send SIGTERM at once.
+                run.ready(host, port)
                 async with anyio.create_task_group() as group:
                     async def wait_signal() -> None:
                         async for signum in signals:
@@ -263,8 +276,18 @@ async def _serve_async(module_name: str, run: _Run) -> None:
                         await run.stop.wait()
                         group.cancel_scope.cancel()
 
+                    async def wait_parent() -> None:
+                        if run.parent_fd is None:
+                            await anyio.sleep_forever()
+                        else:
+                            await _parent_gone_async(run.parent_fd, run.grace)
+                        group.cancel_scope.cancel()
+
                     group.start_soon(wait_signal)
                     group.start_soon(wait_stop)
+                    group.start_soon(wait_parent)
+            if run.draining is not None:
+                run.draining()
             mesh.end_streams()
             await server.close(run.grace)
         parts.registry.close()
@@ -286,7 +309,7 @@ def _serve_gevent(run: _Run) -> None:
         options["resume_store"] = store
         cluster = MeshCluster(run.cluster, store, gevent=True)
     server = adapter.MeshServer(**options)
-    host, port = server.start(run.host, run.port)
+    host, port = server.start(run.host, run.port, reuse_port=run.reuse_port)
     if cluster is not None:
         parts = run.parts_factory(_public_url(host, port), events=ClusterBus())
     else:
@@ -303,9 +326,13 @@ def _serve_gevent(run: _Run) -> None:
     done = run.stop if run.stop is not None else gevent.event.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         gevent.signal_handler(signum, done.set)
+    if run.parent_fd is not None:
+        gevent.spawn(_parent_gone_gevent, run.parent_fd, done, run.grace)
     run.ready(host, port)
     done.wait()
     log.info("draining (grace %s s)", run.grace)
+    if run.draining is not None:
+        run.draining()
     mesh.end_streams()
     server.close(run.grace)
     if cluster is not None:
@@ -313,6 +340,42 @@ def _serve_gevent(run: _Run) -> None:
     mesh.stop()
     parts.registry.close()
     log.info("svantic mesh stopped")
+
+
+ORPHAN_MARGIN = 10
+"""Seconds past the grace a worker whose parent is gone may take to drain before SIGALRM
+ends it: nobody is left to stop it, so its drain must be bounded by itself."""
+
+
+def _orphan_deadline(grace: float) -> None:
+    """The parent is gone: drain, but be gone `grace` + `ORPHAN_MARGIN` s from now at the
+    latest (SIGALRM's default action ends the process), whatever the drain waits for."""
+    bound = math.ceil(grace) + ORPHAN_MARGIN
+    log.info("parent process gone: draining (grace %s s, exit within %d s)", grace, bound)
+    signal.alarm(bound)
+
+
+async def _parent_gone_async(fd: int, grace: float) -> None:
+    """Return once the parent's pipe reaches end-of-file (the parent exited)."""
+    import anyio
+
+    while True:
+        await anyio.wait_readable(fd)
+        if not os.read(fd, 4096):
+            break
+    _orphan_deadline(grace)
+
+
+def _parent_gone_gevent(fd: int, done: Any, grace: float) -> None:
+    """Set `done` once the parent's pipe reaches end-of-file (the parent exited)."""
+    import gevent.socket
+
+    while True:
+        gevent.socket.wait_read(fd)
+        if not os.read(fd, 4096):
+            break
+    _orphan_deadline(grace)
+    done.set()
 
 
 def _public_url(host: str, port: int) -> str:
