@@ -18,7 +18,7 @@ from typing import Any, Generic, TypeVar
 
 from svantic_proto import Config, InstanceRecord, ResumeStore
 from svantic_proto.events import Event
-from svantic_proto.http import HttpRequest, HttpServerConnection
+from svantic_proto.http import HttpClosed, HttpRequest, HttpServerConnection
 from svantic_proto.mesh import MintDispatchAuth
 from svantic_proto.mesh_runtime import (
     AdmissionNeeded,
@@ -80,17 +80,44 @@ class HttpResponder:
     """How an `http_app` answers one plain HTTP request on the mesh's port: `respond()`
     once, or `start()`, any `send()`s and `end()` for a streamed answer (Server-Sent
     Events). Each call writes at once. After the client went away (`closed`) the calls do
-    nothing, so an application never fails for writing to a gone peer."""
+    nothing, so an application never fails for writing to a gone peer.
 
-    __slots__ = ("_conn", "_driver", "_link", "started")
+    A long answer that waits for something else (an event stream waits for events) sets
+    `on_close`: the driver calls it once when the connection ends, by either side, so the
+    answer ends and frees what it holds at once instead of at its next write."""
+
+    __slots__ = ("_conn", "_driver", "_link", "_on_close", "started")
 
     def __init__(self, driver: MeshDriver[Any], link: Any, conn: HttpServerConnection) -> None:
         self._driver, self._link, self._conn = driver, link, conn
+        self._on_close: Callable[[], object] | None = None
         self.started = False
 
     @property
     def closed(self) -> bool:
         return self._conn.closed
+
+    @property
+    def on_close(self) -> Callable[[], object] | None:
+        """Called once, without arguments, when the connection has ended (`closed` is then
+        True); set it before waiting. It runs inside the driver's I/O callback: it must
+        only wake the waiting answer, never block."""
+        return getattr(self, "_on_close", None)  # a subclass may skip __init__ (ASGI)
+
+    @on_close.setter
+    def on_close(self, callback: Callable[[], object] | None) -> None:
+        self._on_close = callback
+
+    def _notify_closed(self) -> None:
+        """The connection ended: run `on_close` once (a driver may learn it twice)."""
+        callback = self.on_close
+        if callback is None:
+            return
+        self._on_close = None
+        try:
+            callback()
+        except Exception:  # the application's callback must not take the mesh down
+            log.exception("an HTTP answer's on_close failed")
 
     def respond(self, status: int, headers: Sequence[tuple[str, str]], body: bytes) -> None:
         self.started = True
@@ -157,6 +184,8 @@ class MeshDriver(Generic[LinkT]):
         self.backlog = backlog
         self.links: set[LinkT] = set()
         """Every transport the runtime knows of (handshakes and sessions)."""
+        self._responders: dict[Any, HttpResponder] = {}
+        """The HTTP link -> the responder of its latest request: told when the link ends."""
         self._handles: dict[LinkT, AgentHandle[LinkT]] = {}
         self._deadline: float | None = None
         self.on_event: Callable[[Any, Event], None] | None = None
@@ -266,6 +295,7 @@ class MeshDriver(Generic[LinkT]):
         self.links.discard(link)
         self._handles.pop(link, None)
         self.runtime.transport_closed(link, self._now())
+        self._http_closed(link)  # after the runtime closed its HTTP connection: `closed`
         self._service()
 
     def _schedule(self, link: LinkT, deadline: float | None) -> None:
@@ -375,11 +405,20 @@ class MeshDriver(Generic[LinkT]):
         self._handles.pop(link, None)  # not an agent: no handle, no on_event
 
         def on_event(event: Any) -> None:
-            if type(event) is HttpRequest:
-                self._run_http(event, HttpResponder(self, link, conn))
+            kind = type(event)
+            if kind is HttpRequest:
+                self._responders[link] = responder = HttpResponder(self, link, conn)
+                self._run_http(event, responder)
+            elif kind is HttpClosed:  # before the transport is gone: wake the answer now
+                self._http_closed(link)
 
         link.pump.switch(conn, on_event)
         link.pump.service()
+
+    def _http_closed(self, link: Any) -> None:
+        responder = self._responders.pop(link, None)
+        if responder is not None:
+            responder._notify_closed()
 
     async def _http_async(self, request: HttpRequest, responder: HttpResponder) -> None:
         try:

@@ -834,6 +834,7 @@ class AsyncMesh(_Serving):
             wake[0].set()
 
         subscription.notify = notify
+        responder.on_close = notify  # a client gone frees its slot now, not at the keepalive
         self._streams.add(notify)
         try:
             while self._stream_round(subscription, responder):
@@ -991,6 +992,7 @@ class GeventMesh(_Serving):
 
         wake = gevent.event.Event()
         subscription.notify = wake.set
+        responder.on_close = wake.set  # a client gone frees its slot now, not at the keepalive
         self._streams.add(wake.set)
         try:
             while self._stream_round(subscription, responder):

@@ -267,6 +267,16 @@ class MeshRuntime(Generic[L]):
     the agent holds. The table lists an instance only while its newest connection's
     session runs, so a replaced connection closing later never removes the newer one,
     and no live connection is ever left outside the table.
+
+    Shutdown and the resume store: once `begin_shutdown` ran, no upgrade is admitted, so
+    nothing held for a resume can resume on this runtime. With a process-local store (a
+    plain `ResumeStore`) every held dispatch fails `AGENT_DISCONNECTED` at once, and each
+    one held later as soon as its connection closes, so its caller gets the answer while
+    its own link is still up (within `Config.close_timeout`). `resume_elsewhere` says the
+    store can hand held dispatches to another mesh process the agent reconnects to (the
+    scale-out's store): those are kept until the close timeout, when they fail as every
+    waiter left does. Its default is True for any subclass of `ResumeStore` (those exist
+    to honour tokens across processes), False for a plain one.
     """
 
     def __init__(
@@ -284,6 +294,7 @@ class MeshRuntime(Generic[L]):
         serve_http: bool = False,
         max_http_connections: int = 1024,
         max_http_body_bytes: int = 1 << 20,
+        resume_elsewhere: bool | None = None,
     ) -> None:
         if max_connections < 0 or max_handshakes < 0 or max_http_connections < 0:
             raise LocalProtocolError(
@@ -295,6 +306,9 @@ class MeshRuntime(Generic[L]):
         )
         self.max_connections = max_connections
         self.max_handshakes = max_handshakes
+        self._resume_elsewhere = (
+            type(self.store) is not ResumeStore if resume_elsewhere is None else resume_elsewhere
+        )
         self._mint = dispatch_auth
         self._verify_token = verify_token
         self._wall_clock = wall_clock
@@ -655,6 +669,8 @@ class MeshRuntime(Generic[L]):
         if state.session:
             self._log.info("agent %s disconnected: code %s (%s)", state.instance_id, event.code,
                            event.reason)
+        if self._phase is not _RUNNING:
+            self._fail_held()  # what this connection just parked can never resume here
         self._check_shutdown(now)
 
     def _replace(self, older: L, instance_id: str, now: float) -> None:
@@ -843,7 +859,9 @@ class MeshRuntime(Generic[L]):
         `Config.close_grace`) to every running session, handshakes closed, new transports
         refused. When every session has ended, or at `now + grace`: CLOSING, `1001` to
         every connection left; `Config.close_timeout` later: `DropLink` for what remains,
-        CLOSED, every waiter left fails `AGENT_DISCONNECTED`, `ShutdownComplete`."""
+        CLOSED, every waiter left fails `AGENT_DISCONNECTED` (before the links are dropped),
+        `ShutdownComplete`. Dispatches held for a resume fail as soon as they are held
+        (see the class doc for `resume_elsewhere`)."""
         if self._phase is not MeshPhase.RUNNING:
             return
         grace = self.config.close_grace if grace is None else grace
@@ -878,7 +896,26 @@ class MeshRuntime(Generic[L]):
                 continue
             self._refresh(link, state)
             self._actions.append(ServiceLink(link))
+        self._fail_held()  # parked before the shutdown: no upgrade is admitted any more
         self._check_shutdown(now)
+
+    def _fail_held(self) -> None:
+        """Fail every dispatch the resume store holds, `AGENT_DISCONNECTED`, now: once the
+        shutdown began this runtime admits no upgrade, so no hello can resume them here,
+        and a caller waiting for the close timeout would only find its own connection
+        dropped with the mesh. A store that can hand them to another mesh process
+        (`resume_elsewhere`, scale-out) keeps them: the agent may resume there, and the
+        outcome comes back here (`settle`) until the close timeout."""
+        if self._resume_elsewhere:
+            return
+        held = self.store.expire(math.inf)  # every window and deadline: all that is held
+        if not held:
+            return
+        self._log.info("mesh shutdown: %d held dispatches failed AGENT_DISCONNECTED (no agent "
+                       "can resume them on a mesh shutting down)", len(held))
+        for dispatch in held:
+            self._outcome(DispatchFailed(dispatch_id=dispatch.dispatch_id,
+                                         code="AGENT_DISCONNECTED", message=SHUTDOWN_REASON))
 
     def _shutdown_step(self, now: float) -> bool:
         """The shutdown steps due at `now`; True once the mesh is CLOSED."""
@@ -922,8 +959,9 @@ class MeshRuntime(Generic[L]):
         self._check_shutdown(now)
 
     def _enter_closed(self, now: float) -> None:
-        for link, state in self._links.items():
-            self._drop(link, state, "mesh shut down")
+        # The waiters first, then the drops: an answer written from the waiter itself (a
+        # relay) still finds its link. An application that answers later, from a task of
+        # its own, finds it dropped: hence held dispatches fail earlier (`_fail_held`).
         self._phase = MeshPhase.CLOSED
         self._phase_deadline = None
         waiters, self._waiters = self._waiters, {}
@@ -934,6 +972,8 @@ class MeshRuntime(Generic[L]):
                 )
             except Exception:
                 self._log.exception("waiter failed for dispatch %s", dispatch_id)
+        for link, state in self._links.items():
+            self._drop(link, state, "mesh shut down")
         self._log.info("mesh shutdown complete: %d transports dropped, %d dispatches failed",
                        len(self._links), len(waiters))
         self._actions.append(ShutdownComplete())

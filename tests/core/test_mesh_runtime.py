@@ -954,16 +954,20 @@ def test_shutdown_drains_then_1001_at_the_grace_then_drops_at_the_close_timeout(
     closed = busy.closed_event
     assert (closed.code, closed.reason) == (1001, "mesh shutting down")
     assert not busy.open and stuck.open
-    assert driver.completed == 0 and not busy_waiter.done  # held: the agent may resume
+    assert driver.completed == 0
+    # The 1001 ended both sessions: what they had in flight can never resume on a mesh
+    # shutting down, so it fails now, while the callers' own connections are still up.
+    for waiter in (busy_waiter, stuck_waiter):
+        assert isinstance(waiter.error, DispatchError)
+        assert (waiter.error.code, waiter.error.message) == (
+            "AGENT_DISCONNECTED", "mesh shutting down")
     driver.advance_to(start + CONFIG.close_grace + CONFIG.close_timeout - 0.001)
     assert driver.runtime.phase is MeshPhase.CLOSING and stuck.open
     driver.advance_to(start + CONFIG.close_grace + CONFIG.close_timeout)
     assert driver.runtime.phase is MeshPhase.CLOSED
     assert driver.drops[-1] == (stuck, "mesh shut down")
     assert driver.completed == 1
-    for waiter in (busy_waiter, stuck_waiter):
-        assert isinstance(waiter.error, DispatchError)
-        assert (waiter.error.code, waiter.error.message) == ("AGENT_DISCONNECTED", "mesh shut down")
+    assert busy_waiter.calls == stuck_waiter.calls == 1  # once each
     assert driver.runtime.next_deadline() is None
     for step in ("mesh shutdown: close_request to 2 agents, grace 10.0 s",
                  "mesh shutdown: the grace ended", "mesh shutdown: 1001 to 2 connections, "

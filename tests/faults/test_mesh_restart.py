@@ -4,10 +4,9 @@
 What a caller sees (decided): a dispatch in flight when the mesh process is killed ends with
 the caller's own connection error at once (the process that would answer is gone: nobody can
 send `AGENT_DISCONNECTED`); one in flight when the mesh is stopped (SIGTERM) past its grace
-should end `AGENT_DISCONNECTED` from the mesh (see the second test for what it does today).
-Neither hangs. The agents back off, dial again, and
-are served by the new process without anyone registering them (the registry kept them);
-dispatches after that succeed, and no handler runs twice.
+ends `AGENT_DISCONNECTED` from the mesh, as soon as the grace ends. Neither hangs. The
+agents back off, dial again, and are served by the new process without anyone registering
+them (the registry kept them); dispatches after that succeed, and no handler runs twice.
 """
 
 from __future__ import annotations
@@ -79,9 +78,10 @@ def test_killed_mesh_comes_back_and_agents_with_it(tmp_path: Path, adapter: str)
     assert "Traceback" not in mesh.log()
 
 
-def test_stopped_mesh_fails_what_outlasts_its_grace(tmp_path: Path) -> None:
-    mesh = start_mesh(tmp_path)
-    agents = start_agents(mesh, prefix="grace", count=1, config=AGENT_CONFIG)
+@pytest.mark.parametrize("adapter", ["asyncio", "gevent"])
+def test_stopped_mesh_fails_what_outlasts_its_grace(tmp_path: Path, adapter: str) -> None:
+    mesh = start_mesh(tmp_path, adapter=adapter)
+    agents = start_agents(mesh, prefix="grace", count=1, adapter=adapter, config=AGENT_CONFIG)
     try:
         token = mesh.token()
 
@@ -97,22 +97,20 @@ def test_stopped_mesh_fails_what_outlasts_its_grace(tmp_path: Path) -> None:
         in_flight, ended_after = asyncio.run(stop_in_flight())
         mesh.proc.wait(15)
         restarted = time.monotonic()
-        mesh = start_mesh(tmp_path, port=mesh.port)
+        mesh = start_mesh(tmp_path, adapter=adapter, port=mesh.port)
         agents.lines.when("up grace-0 fresh", 30, restarted)
         after = asyncio.run(_calls(mesh, mesh.token(), range(5)))
         runs = agents.finish()
     finally:
         agents.kill()
         mesh.stop()
-    print(f"\nSIGTERM: in-flight caller got {[(o.status, o.code) for o in in_flight]} after "
-          f"{ended_after:.2f} s")
-    # Spec 5 wants AGENT_DISCONNECTED here. Today the mesh runtime holds the dispatch for a
-    # resume until its close timeout and then drops the caller's HTTP link before failing
-    # the dispatch, so the caller's connection breaks instead (reported on issue 17): either
-    # way one outcome, and within grace (1 s) + close_timeout (5 s) + 1 s.
-    assert [(o.status, o.code) for o in in_flight] in (
-        [(502, "AGENT_DISCONNECTED")], [(None, "RemoteProtocolError")])
-    assert ended_after < 1 + 5 + 1
+    print(f"\n{adapter}: SIGTERM: in-flight caller got "
+          f"{[(o.status, o.code) for o in in_flight]} after {ended_after:.2f} s")
+    # Spec 5: AGENT_DISCONNECTED from the mesh. A mesh shutting down resumes nothing, so the
+    # dispatch fails when the 1001 at the grace's end closes the agent's session, while the
+    # caller's connection is still up: well before grace (1 s) + close_timeout (5 s).
+    assert [(o.status, o.code) for o in in_flight] == [(502, "AGENT_DISCONNECTED")]
+    assert ended_after < 1 + 1.5
     assert all(outcome.status == 200 for outcome in after)
     assert max(runs.values()) == 1
 
