@@ -450,6 +450,7 @@ class AsgiResponder(HttpResponder):
         self._gone = True
         self._outbox.clear()
         self._wake.set()
+        self._notify_closed()  # an event stream frees its slot now, not at the keepalive
 
     def _finish(self) -> None:
         """The application returned: a stream it left open is ended (returning mid-answer
