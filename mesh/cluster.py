@@ -30,7 +30,12 @@ Redis away: dispatches carried to another process fail at once with `AGENT_DISCO
 (the caller cannot know whether the agent ran it: the same answer as a socket that drops),
 dispatches to agents on this process keep working (capacity then counted by this process's
 router alone), and every Redis task reconnects with the protocol's backoff, logging each
-attempt's reason. Events published while Redis is away reach only this process's `/events`.
+attempt's reason, and retries at once when the beat finds Redis again. Events published
+while Redis is away reach only this process's `/events`. Redis back (perhaps restarted,
+empty): for one dead-process bound no process is counted dead (every key went at once; each
+rejoins at its next beat); the writer checks its one connection (PING) before writing after
+an outage or a second idle, and a batch that fails anyway writes its outcomes and chunks
+once more (their receiver takes each once), never a carried dispatch (it could run twice).
 
 Every routine is written once, as a generator of the Redis calls and waits it makes; a driver
 runs it on asyncio (`redis.asyncio`, a blocking connection pool, tasks) or on gevent (redis-py's
@@ -62,6 +67,7 @@ from svantic_proto.frames import DispatchPayload
 from svantic_proto.resume import HeldDispatch, ResumeClaim, ResumeStore
 
 from .events import EventBus
+from .registry import RegistryError
 
 __all__ = [
     "ACQUIRE_LUA",
@@ -410,13 +416,28 @@ class _AsyncioDriver:
     def sleep(seconds: float) -> Step:
         return asyncio.sleep(seconds)
 
+    @staticmethod
+    async def nap(event: Any, seconds: float) -> None:
+        """Sleep, or less if `event` is set meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await event.wait()
+
     async def stop(self) -> None:
+        """Cancel every routine and wait at most 2 s: a routine cancelled inside a redis-py
+        call that never completes (seen just after joining) must not hold the drain."""
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        if not tasks:
+            return
+        done, pending = await asyncio.wait(tasks, timeout=2.0)
+        for task in done:  # retrieved, so none is reported as "never retrieved"
+            if not task.cancelled():
+                task.exception()
+        if pending:
+            log.warning("cluster: %d Redis routines did not stop within 2 s: left behind",
+                        len(pending))
 
     async def close(self) -> None:
         for client in (self.cmd, self.reader, self.writer):
@@ -424,6 +445,13 @@ class _AsyncioDriver:
 
 
 _TIMED_OUT = object()
+
+_SENT_AGAIN = frozenset({"o", "c", "ho", "hc"})
+"""Inbox messages written again once when their batch fails: outcomes and chunks, which their
+receiver takes once each (by dispatch id and sequence number)."""
+
+_WRITER_IDLE = 1.0
+"""Seconds after which the writer's connection is checked (PING) before it writes."""
 
 
 def _time_out(future: Any) -> None:
@@ -492,6 +520,11 @@ class _GeventDriver:
     def sleep(self, seconds: float) -> Step:
         self._gevent.sleep(seconds)
 
+    @staticmethod
+    def nap(event: Any, seconds: float) -> Step:
+        """Sleep, or less if `event` is set meanwhile."""
+        event.wait(timeout=seconds)
+
     def stop(self) -> None:
         self._gevent.killall(list(self.greenlets), timeout=5)
 
@@ -539,8 +572,15 @@ class MeshCluster:
         self._outbox_bytes = 0
         self._renewed: dict[str, float] = {}  # inbox -> when its TTL was last renewed
         self._wake: Any = None
+        self._back: Any = None  # set when the beat finds Redis again: retries stop waiting
         self._mirroring = 0
         self._down: str | None = None  # why Redis is unreachable, while it is
+        self._written_at = 0.0  # when the writer's connection last answered
+        self._writer_suspect = False  # Redis failed since: the writer's socket may be dead
+        self._spare_until = 0.0  # no death checks before (Redis came back, perhaps empty)
+        # Agents connected on other processes that this one could not route to yet (its
+        # records were unreachable): instance -> capabilities, tried again every beat.
+        self._unmirrored: dict[str, list[str]] = {}
         self._republish = False
         self._rand = random.Random()
 
@@ -583,6 +623,7 @@ class MeshCluster:
 
     def _start(self) -> Routine:
         self._wake = self.io.event()
+        self._back = self.io.event()
         try:
             yield from self._join()
         except self._errors as exc:
@@ -839,6 +880,9 @@ class MeshCluster:
             if origin == self.node_id:
                 return
             self._apply(message, origin)
+        except RegistryError as exc:  # the records away: an outage, not a bug
+            log.warning("cluster: a change from another process not fully applied here: "
+                        "the records are unavailable (%s)", _reason(exc))
         except Exception:  # one bad message must not stop the mirror
             log.exception("cluster: a message on the bus was not understood")
 
@@ -856,7 +900,7 @@ class MeshCluster:
             if self._loc.get(instance_id) == origin:
                 del self._loc[instance_id]
                 with self._mirror():
-                    fleet.agent_disconnected(instance_id, now, wall)
+                    self._remote_disconnected(instance_id, now, wall)
         elif kind == "hb":
             instance_id = str(message["i"])
             if instance_id in self.parts.router:
@@ -892,6 +936,7 @@ class MeshCluster:
                 handle.link.pump.service()
             log.info("agent %s moved to process %s: its socket here is closed", instance_id,
                      node)
+        retried = self._unmirrored.pop(instance_id, None) is not None
         with self._mirror():
             try:
                 self.parts.fleet.agent_connected(instance_id, capabilities=capabilities,
@@ -899,6 +944,42 @@ class MeshCluster:
                                                  remote=True)
             except ValueError:
                 log.info("cluster: %s is not a connected-mode instance here", instance_id)
+            except RegistryError as exc:
+                # The agent is live there; this process reads its record to route to it.
+                # Tried again every beat until the records answer (or the agent goes).
+                self._unmirrored[instance_id] = capabilities
+                if not retried:
+                    log.warning("cluster: %s connected on process %s is not routable here "
+                                "until the records answer (%s); retrying", instance_id, node,
+                                _reason(exc))
+            else:
+                if retried:
+                    log.info("cluster: %s (on process %s) routable here again", instance_id,
+                             node)
+
+    def _mirror_unmirrored(self) -> None:
+        """Try again the agents whose connection this process could not mirror."""
+        for instance_id, capabilities in list(self._unmirrored.items()):
+            node = self._loc.get(instance_id)
+            if node is None or node == self.node_id:
+                del self._unmirrored[instance_id]  # gone since, or here now
+            else:
+                try:
+                    self._remote_connected(instance_id, node, capabilities)
+                except Exception:  # the beat must go on
+                    self._unmirrored.pop(instance_id, None)
+                    log.exception("cluster: %s (on process %s) could not be mirrored here",
+                                  instance_id, node)
+
+    def _remote_disconnected(self, instance_id: str, now: float, wall: float) -> None:
+        """Mirror an agent's disconnect. The router forgets it in memory first; a record
+        that cannot be written now (the database away) is not worth a traceback."""
+        self._unmirrored.pop(instance_id, None)
+        try:
+            self.parts.fleet.agent_disconnected(instance_id, now, wall)
+        except RegistryError as exc:
+            log.warning("cluster: %s disconnected, its status not saved: the records are "
+                        "unavailable (%s)", instance_id, _reason(exc))
 
     def _node_died(self, node: str) -> None:
         gone = [iid for iid, where in self._loc.items() if where == node]
@@ -912,7 +993,7 @@ class MeshCluster:
             self._mirroring += 1
             try:
                 with self.parts.events.local_only():
-                    self.parts.fleet.agent_disconnected(instance_id, now, wall)
+                    self._remote_disconnected(instance_id, now, wall)
             finally:
                 self._mirroring -= 1
         self.store.node_died(node, now)
@@ -937,34 +1018,42 @@ class MeshCluster:
     def _beat(self) -> Routine:
         """Keep this process's key alive; find the processes whose key is gone."""
         while True:
+            if self._unmirrored:
+                self._mirror_unmirrored()
             try:
                 joined = yield from self._join()
                 if not joined and self.server is not None:
                     self._republish = True
+                    self._spare()  # Redis lost its data (or us): the others rejoin too
                 if self._republish:
                     self._republish_state()
-                nodes = [_text(n) for n in (yield self.redis.smembers(self._k_nodes))]
-                others = [n for n in nodes if n != self.node_id]
-                if others:
-                    pipe = self.redis.pipeline(transaction=False)
-                    for node in others:
-                        pipe.exists(self._k_node + node)
-                    alive = yield pipe.execute()
-                    for node, up in zip(others, alive, strict=True):
-                        if not up:
-                            yield self.redis.eval(FORGET_NODE_LUA, 3, self._k_loc,
-                                                  self._k_caps, self._k_nodes, node)
-                            self._node_died(node)
-                # A process another one already found dead is out of the set: whatever
-                # this process still routes to it, or waits on, is then gone too.
-                known = set(nodes)
-                suspects = set(self._loc.values()) | {w.node for w in self._waiting.values()}
-                for node in suspects - known - {self.node_id}:
-                    self._node_died(node)
                 self._recovered()
+                if time.monotonic() >= self._spare_until:
+                    yield from self._find_dead()
             except self._errors as exc:
                 self._lost(exc)
             yield self.io.sleep(self.settings.beat_interval)
+
+    def _find_dead(self) -> Routine:
+        """Forget the processes whose key is gone, and those another process forgot."""
+        nodes = [_text(n) for n in (yield self.redis.smembers(self._k_nodes))]
+        others = [n for n in nodes if n != self.node_id]
+        if others:
+            pipe = self.redis.pipeline(transaction=False)
+            for node in others:
+                pipe.exists(self._k_node + node)
+            alive = yield pipe.execute()
+            for node, up in zip(others, alive, strict=True):
+                if not up:
+                    yield self.redis.eval(FORGET_NODE_LUA, 3, self._k_loc, self._k_caps,
+                                          self._k_nodes, node)
+                    self._node_died(node)
+        # A process another one already found dead is out of the set: whatever this
+        # process still routes to it, or waits on, is then gone too.
+        known = set(nodes)
+        suspects = set(self._loc.values()) | {w.node for w in self._waiting.values()}
+        for node in suspects - known - {self.node_id}:
+            self._node_died(node)
 
     def _republish_state(self) -> None:
         """Redis came back (perhaps empty): say again what this process holds."""
@@ -995,7 +1084,7 @@ class MeshCluster:
             except self._errors as exc:
                 self._lost(exc)
                 delays = delays or self._delays()
-                yield self.io.sleep(next(delays))
+                yield self.io.nap(self._back, next(delays))
 
     def _subscriber(self) -> Routine:
         """The bus: mirror what the others say, after (re)loading the shared state."""
@@ -1014,7 +1103,7 @@ class MeshCluster:
             except self._errors as exc:
                 self._lost(exc)
                 delays = delays or self._delays()
-                yield self.io.sleep(next(delays))
+                yield self.io.nap(self._back, next(delays))
                 with contextlib.suppress(Exception):
                     if hasattr(pubsub, "aclose"):
                         yield pubsub.aclose()
@@ -1042,7 +1131,7 @@ class MeshCluster:
             if node != self.node_id and seen.get(instance_id) != node:
                 del self._loc[instance_id]
                 with self._mirror():
-                    self.parts.fleet.agent_disconnected(instance_id, now, wall)
+                    self._remote_disconnected(instance_id, now, wall)
         log.info("cluster: %d agents on other processes", len(seen))
 
     def _writer(self) -> Routine:
@@ -1057,8 +1146,18 @@ class MeshCluster:
                 try:
                     yield from self._write(batch)
                 except self._errors as exc:
-                    log.warning("cluster: %d messages for Redis dropped: %s", len(batch),
-                                _reason(exc))
+                    # Outcomes and chunks go again, once, ahead of what came since: the
+                    # callers on the other processes wait for them.
+                    again = [("rpush", key, value) for op, key, value in batch
+                             if op == "again"]
+                    self._outbox.extendleft(reversed(again))
+                    self._outbox_bytes += sum(len(value) for _, _, value in again)
+                    if len(again) < len(batch):
+                        log.warning("cluster: %d messages for Redis dropped: %s",
+                                    len(batch) - len(again), _reason(exc))
+                    if again:
+                        log.info("cluster: %d outcomes and chunks for Redis to send again",
+                                 len(again))
                     self._lost(exc)
 
     def _write(self, batch: list[tuple[str, str, Any]]) -> Routine:
@@ -1067,14 +1166,22 @@ class MeshCluster:
         # An inbox's TTL is renewed now and then, not with every message: a live process
         # drains its inbox, a dead one's goes `inbox_ttl` after the last renewal.
         stale = {key for op, key, _ in batch
-                 if op == "rpush" and self._renewed.get(key, 0.0) < now - ttl / 3000}
+                 if op in ("rpush", "again") and self._renewed.get(key, 0.0) < now - ttl / 3000}
         writer = self.io.writer
-        if len(batch) == 1 and not stale and batch[0][0] == "rpush":
+        if self._writer_suspect or now - self._written_at > _WRITER_IDLE:
+            # Its one connection may have died with a Redis restart, unseen while idle: a
+            # PING finds out (and drops it), so the write below gets a fresh connection
+            # instead of losing its batch.
+            self._writer_suspect = False
+            with contextlib.suppress(*self._errors):
+                yield writer.ping()
+        if len(batch) == 1 and not stale and batch[0][0] in ("rpush", "again"):
             yield writer.rpush(batch[0][1], batch[0][2])  # the hot path: one command
+            self._written_at = now
             return
         pipe = writer.pipeline(transaction=False)
         for op, key, value in batch:
-            if op == "rpush":
+            if op in ("rpush", "again"):
                 pipe.rpush(key, value)
             elif op == "publish":
                 pipe.publish(key, value)
@@ -1088,6 +1195,7 @@ class MeshCluster:
             pipe.pexpire(key, ttl)
             self._renewed[key] = now
         yield pipe.execute()
+        self._written_at = now
 
     def _send(self, node: str, message: dict[str, Any]) -> bool:
         """Queue a message for `node`'s inbox; False when it is over the size bound."""
@@ -1096,7 +1204,10 @@ class MeshCluster:
             log.warning("cluster: a %d-byte message for %s refused (bound %d)", len(data),
                         node, self.settings.max_message_bytes)
             return False
-        self._queue("rpush", self._k_inbox + node, data)
+        # An outcome or a chunk may be written twice (its receiver takes each once); a
+        # carried dispatch never is: a second copy could run twice.
+        self._queue("again" if message["t"] in _SENT_AGAIN else "rpush",
+                    self._k_inbox + node, data)
         return True
 
     def _queue(self, op: str, key: str, value: Any) -> None:
@@ -1121,12 +1232,25 @@ class MeshCluster:
             log.info("cluster: Redis still unavailable (%s)", reason)
         self._down = reason
         self._republish = True
+        self._writer_suspect = True
+        if self._back is not None:
+            self._back.clear()
         self._fail_waiting(REDIS_UNAVAILABLE)
 
     def _recovered(self) -> None:
         if self._down is not None:
             self._down = None
+            self._spare()
+            if self._back is not None:
+                self._back.set()  # the reader and the subscriber retry now, not at backoff
             log.info("cluster: Redis reachable again")
+
+    def _spare(self) -> None:
+        """No death checks for one dead-process bound: after an outage every process's key
+        may be gone (a restarted Redis is empty) until its next beat rejoins; counting them
+        dead would disconnect their agents and start their tokens' windows for nothing."""
+        self._spare_until = max(self._spare_until, time.monotonic() + self.settings.node_ttl
+                                + self.settings.beat_interval)
 
     def _fail_waiting(self, message: str) -> None:
         for waiting in list(self._waiting.values()):

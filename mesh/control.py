@@ -40,7 +40,7 @@ from .model import (
     Lease,
     RouteError,
 )
-from .registry import InstanceConflict, Registry
+from .registry import InstanceConflict, Registry, RegistryError
 from .tokens import InvalidToken, TokenIssuer
 
 __all__ = [
@@ -82,6 +82,9 @@ _DEFAULT_LIST_LIMIT: Final = 100
 _STATS_PAGE: Final = 500
 _MAX_AGENT_MESSAGE: Final = 2048
 _MAX_PROBE_REASON: Final = 200
+_RECORDS_WARNING_EVERY: Final = 10.0
+"""Seconds between two WARNING lines for a records outage: one line says it started, the
+requests failing meanwhile are counted at DEBUG, not one line each."""
 _CODE_RE: Final = re.compile(r"[A-Z][A-Z0-9_]{0,63}")
 
 _ROUTE_FAILURE_STATUS: Final[Mapping[str, int]] = {
@@ -536,6 +539,7 @@ class ControlPlane:
         self._max_deadline = max_deadline_ms
         self._new_id = new_id
         self._dashboard = dashboard_html
+        self._records_warned_at: float | None = None
         self._handlers: dict[str, _Handler] = {
             route.name: getattr(self, f"_h_{route.name}") for route in _ROUTES.values()
         }
@@ -550,15 +554,35 @@ class ControlPlane:
     # -- entry point ------------------------------------------------------------------
 
     def handle(self, request: HttpRequest, *, now: float, wall: float) -> Effect:
-        """The answer (or effect) for one request. Never raises: an unexpected failure is
-        logged and answered 500 INTERNAL with a fixed message."""
+        """The answer (or effect) for one request. Never raises: the records unreachable is
+        answered 503 UNAVAILABLE with `Retry-After`, any other unexpected failure is logged
+        with its traceback and answered 500 INTERNAL, each with a fixed message."""
         try:
             return self._handle(request, now, wall)
         except _Fail as fail:
             return fail.response
+        except RegistryError as exc:
+            # The records (the registry's database) are away: an outage the mesh recovers
+            # from by itself once the database answers, so the caller is told to retry,
+            # in our own words (the database's text stays in the log).
+            self._records_unavailable(request, exc, now)
+            return error_response(503, "UNAVAILABLE", "the mesh's records are unavailable: "
+                                  "try again", (("retry-after", "1"),))
         except Exception:
             _log.exception("control plane failure on %s %s", request.method, request.path)
             return error_response(500, "INTERNAL", "internal error")
+
+    def _records_unavailable(self, request: HttpRequest, exc: RegistryError, now: float) -> None:
+        """One WARNING line per outage (at most one per `_RECORDS_WARNING_EVERY` seconds), no
+        traceback: the failure is the database's, not a bug here."""
+        text = str(exc).split("\n", 1)[0][:200]
+        last = self._records_warned_at
+        if last is None or now - last >= _RECORDS_WARNING_EVERY or now < last:
+            self._records_warned_at = now
+            _log.warning("records unavailable: %s %s answered 503 (%s: %s)", request.method,
+                         request.path, type(exc).__name__, text)
+        else:
+            _log.debug("records unavailable: %s %s answered 503", request.method, request.path)
 
     def _handle(self, request: HttpRequest, now: float, wall: float) -> Effect:
         route = _ROUTES.get(request.path)

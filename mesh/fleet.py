@@ -61,7 +61,7 @@ from .events import (
     EventBus,
     rfc3339,
 )
-from .model import InstanceRow, Lease, RouteError
+from .model import InstanceRow, Lease, RegistryError, RouteError
 from .routing import ConnectionChanged, DeregisterDue, Router, RoutingChanged
 
 if TYPE_CHECKING:
@@ -662,10 +662,17 @@ class Fleet:
             )
 
     def _persist(self, change: RoutingChanged | ConnectionChanged | DeregisterDue) -> None:
-        if isinstance(change, RoutingChanged):
-            self.registry.update_status(change.instance_id, routing_status=change.new)
-        elif isinstance(change, ConnectionChanged):
-            self.registry.update_status(change.instance_id, connection_status=change.new)
+        """Save a status change. With the records out of reach it is not saved (the router
+        keeps it, and the next change of that instance writes the latest): one WARNING, and
+        the other changes and their events still go out."""
+        try:
+            if isinstance(change, RoutingChanged):
+                self.registry.update_status(change.instance_id, routing_status=change.new)
+            elif isinstance(change, ConnectionChanged):
+                self.registry.update_status(change.instance_id, connection_status=change.new)
+        except RegistryError as exc:
+            log.warning("instance %s status not saved: records unavailable (%s)",
+                        change.instance_id, exc)
 
     def _apply(self, now: float, wall: float) -> None:
         """Persist and publish the router's queued changes; deregistrations it asks for

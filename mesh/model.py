@@ -16,6 +16,7 @@ __all__ = [
     "ROUTING_STATUSES",
     "InstanceRow",
     "Lease",
+    "RegistryError",
     "RouteError",
 ]
 
@@ -80,6 +81,12 @@ class Lease:
     tenant_id: str
     agent_type: str
     deployment_mode: str
+
+
+class RegistryError(Exception):
+    """The registry cannot do what was asked: an unknown schema, a damaged file, a
+    conflicting write, or its database out of reach. Defined here, beside the records'
+    shapes, so that code which only handles it (the fleet) needs no database module."""
 
 
 class RouteError(Exception):

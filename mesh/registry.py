@@ -39,7 +39,13 @@ from typing import Any, Final, Protocol, Self, TypeVar, runtime_checkable
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .model import CONNECTION_STATUSES, POLICY_MODES, ROUTING_STATUSES, InstanceRow
+from .model import (
+    CONNECTION_STATUSES,
+    POLICY_MODES,
+    ROUTING_STATUSES,
+    InstanceRow,
+    RegistryError,
+)
 
 __all__ = [
     "MIGRATIONS",
@@ -54,11 +60,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("svantic.mesh.registry")
-
-
-class RegistryError(Exception):
-    """The registry cannot do what was asked for a reason the caller should surface, not
-    retry: an unknown schema, a damaged file, a conflicting write."""
 
 
 class SecretUnavailable(RegistryError):

@@ -115,6 +115,11 @@ class ClusterMesh:
     ca: str
     out: Stream
     err: Stream
+    killed: bool = False
+    """The test killed it (`kill`): its exit is expected."""
+    died: int | None = None
+    """Its exit status when it was found already gone at `stop` (a crash the test did not
+    cause, unless `killed`)."""
 
     def context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=self.ca)
@@ -130,13 +135,15 @@ class ClusterMesh:
 
     def kill(self) -> None:
         """SIGKILL: a crash, nothing drained, its Redis entries left to expire."""
+        self.killed = True
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
 
     def stop(self) -> str:
         """SIGTERM (drain, leave the cluster), SIGKILL after 30 s; returns its log."""
-        if self.proc.poll() is None:
+        self.died = self.proc.poll()
+        if self.died is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)

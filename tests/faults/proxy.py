@@ -161,8 +161,10 @@ class Link:
         for start in range(0, len(data), step):
             if self.how is not None or fault.blackhole:
                 return
-            writer.write(data[start:start + step])
-            self.sent[direction] += len(data[start:start + step])
+            piece = data[start:start + step]
+            # Counted before the write: the peer (another thread) may read it at once.
+            self.sent[direction] += len(piece)
+            writer.write(piece)
             await writer.drain()
             if fault.trickle and start + step < len(data):
                 await asyncio.sleep(fault.trickle[1])

@@ -26,7 +26,7 @@ from svantic_mesh.control import (
 from svantic_mesh.events import EventBus
 from svantic_mesh.fleet import Fleet
 from svantic_mesh.metrics import MeshMetrics
-from svantic_mesh.registry import SqliteRegistry
+from svantic_mesh.registry import RegistryError, SqliteRegistry
 from svantic_mesh.routing import Router
 from svantic_mesh.tokens import TokenIssuer
 
@@ -239,6 +239,34 @@ def test_internal_failure_is_opaque(mesh: Mesh, monkeypatch: pytest.MonkeyPatch)
     res = mesh.register(connected())
     assert error_of(res) == (500, "INTERNAL")
     assert b"secret" not in res.body and b"exploded" not in res.body
+
+
+def test_records_unavailable_is_503_retry_after_one_warning(
+        mesh: Mesh, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The registry's database away is an outage the caller retries, not a bug: 503 with
+    `Retry-After` in our own words, one WARNING line for the outage, no traceback."""
+    def away(*_a: Any, **_k: Any) -> None:
+        raise RegistryError("connection to server at 127.0.0.1 failed: Connection refused")
+
+    monkeypatch.setattr(mesh.registry, "verify_client", away)
+    caplog.set_level(logging.DEBUG, logger="svantic.mesh.control")
+    credentials = {"client_id": "client-a", "client_secret": "secret-a"}
+    answers = [mesh.call("/auth/token", credentials, token=None, now=NOW + n)
+               for n in range(3)]
+    for res in answers:
+        assert error_of(res) == (503, "UNAVAILABLE")
+        assert res.header("retry-after") == "1"
+        assert message_of(res) == "the mesh's records are unavailable: try again"
+        assert b"refused" not in res.body and b"127.0.0.1" not in res.body
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings  # one line per outage, not one per request
+    assert warnings[0].exc_info is None and "/auth/token" in warnings[0].getMessage()
+    # Still down ten seconds on: the outage is said again, once.
+    mesh.call("/auth/token", credentials, token=None, now=NOW + 12)
+    assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 2
+    # A token checked against the records (the authenticated paths) gets the same answer.
+    monkeypatch.setattr(mesh.registry, "policy_mode", away)
+    assert error_of(mesh.register(connected())) == (503, "UNAVAILABLE")
 
 
 # -- /auth/token ----------------------------------------------------------------------------
