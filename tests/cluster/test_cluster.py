@@ -141,7 +141,7 @@ def test_a_killed_process_fails_its_waiters_and_its_agent_resumes_elsewhere(
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             pending = pool.submit(a.dispatch, {"capability": "slow", "arguments": {"ms": 20000},
                                                "instance_id": "mover"}, token, 30)
-            time.sleep(0.5)  # the dispatch is on its way to the agent through B
+            agent.out.wait_for(r"slow \S+ attempt=1")  # the handler runs, reached through B
             started = time.monotonic()
             b.kill()
             answer = pending.result(20)
@@ -192,7 +192,7 @@ def test_an_agent_cut_off_resumes_on_another_process_and_its_held_dispatch_ends_
 def test_redis_down_fails_carried_dispatches_and_recovers(cluster: Cluster,
                                                           redis_server: Any) -> None:
     a, b, _ = cluster.meshes
-    cluster.agent(b.url, "far")
+    far = cluster.agent(b.url, "far")
     cluster.agent(a.url, "near")
     cluster.wait_connected("far")
     cluster.wait_connected("near")
@@ -200,7 +200,7 @@ def test_redis_down_fails_carried_dispatches_and_recovers(cluster: Cluster,
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(a.dispatch, {"capability": "slow", "arguments": {"ms": 20000},
                                            "instance_id": "far"}, token, 30)
-        time.sleep(0.5)
+        far.out.wait_for(r"slow \S+ attempt=1")  # carried to B and running there
         redis_server.stop()
         answer = pending.result(20)
     assert answer.status_code == 502, answer.text
