@@ -382,7 +382,7 @@ class Fleet:
             now=now,
             wall=wall,
         )
-        self.registry.update_status(instance_id, last_heartbeat_at=wall)
+        self._save_status(instance_id, last_heartbeat_at=wall)
         self._apply(now, wall)
         return routing_status
 
@@ -434,7 +434,7 @@ class Fleet:
         text = (message or "")[:_MAX_ERROR_MESSAGE]
         self.router.release(lease, outcome=outcome, code=code, message=text, now=now, wall=wall)
         if outcome == "failed":
-            self.registry.update_status(
+            self._save_status(
                 lease.instance_id,
                 last_dispatch_error={
                     "code": code or "DISPATCH_FAILED", "message": text, "at": rfc3339(wall),
@@ -665,14 +665,21 @@ class Fleet:
         """Save a status change. With the records out of reach it is not saved (the router
         keeps it, and the next change of that instance writes the latest): one WARNING, and
         the other changes and their events still go out."""
+        if isinstance(change, RoutingChanged):
+            self._save_status(change.instance_id, routing_status=change.new)
+        elif isinstance(change, ConnectionChanged):
+            self._save_status(change.instance_id, connection_status=change.new)
+
+    def _save_status(self, instance_id: str, **fields: Any) -> None:
+        """Write what the fleet observed (statuses, last heartbeat, last error) to the
+        records. Out of reach, it is not saved: the fleet's memory keeps routing, the next
+        write of that instance saves the latest, and one WARNING says so (no traceback, and
+        the rest of the caller's work still happens)."""
         try:
-            if isinstance(change, RoutingChanged):
-                self.registry.update_status(change.instance_id, routing_status=change.new)
-            elif isinstance(change, ConnectionChanged):
-                self.registry.update_status(change.instance_id, connection_status=change.new)
+            self.registry.update_status(instance_id, **fields)
         except RegistryError as exc:
             log.warning("instance %s status not saved: records unavailable (%s)",
-                        change.instance_id, exc)
+                        instance_id, exc)
 
     def _apply(self, now: float, wall: float) -> None:
         """Persist and publish the router's queued changes; deregistrations it asks for
